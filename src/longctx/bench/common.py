@@ -1,0 +1,201 @@
+"""Shared pieces of the benchmarks: machine facts, matmul peak, memory, timing, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+
+def machine_info(device: torch.device) -> dict:
+    """What a figure was measured on: recorded with every benchmark row."""
+    info = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(device: torch.device, dtype=torch.float32, size: int | None = None) -> float:
+    """Best observed GFLOP/s of a square matmul: the machine's practical peak for dtype."""
+    size = size or (8192 if device.type == "cuda" else 4096)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=g)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=g)
+    best = float("inf")
+    for i in range(6):
+        synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        synchronize(device)
+        if i:  # the first call warms up
+            best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
+# ------------------------------------------------------------------------- memory
+
+
+class PeakMemory:
+    """Peak memory of a measured region.
+
+    CPU: the process's peak resident set size (VmHWM), reset at the start of the region
+    through /proc/self/clear_refs (Linux); where that is unavailable, the process-lifetime
+    peak (ru_maxrss) and ``reset = False``. CUDA: torch's peak allocated bytes.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset_ok = False
+        self.start_rss = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.reset_ok = True
+            self.start_rss = torch.cuda.memory_allocated(self.device)
+            return self
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset_ok = True
+        except OSError:
+            self.reset_ok = False
+        self.start_rss = current_rss()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return peak_rss()
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def current_rss() -> int:
+    return _status_kib("VmRSS") or 0
+
+
+def peak_rss() -> int:
+    value = _status_kib("VmHWM")
+    if value is not None:
+        return value
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    value = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                value = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return value if value is not None else 1 << 62
+
+
+# ------------------------------------------------------------------------- timing
+
+
+def time_call(fn: Callable[[], object], device: torch.device, min_total: float = 0.3) -> float:
+    """Median seconds of fn(); one run when a run is long, else enough runs for min_total."""
+    times: list[float] = []
+    total = 0.0
+    while True:
+        synchronize(device)
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        dt = time.perf_counter() - t
+        times.append(dt)
+        total += dt
+        if total >= min_total or len(times) >= 50:
+            break
+    times.sort()
+    return times[len(times) // 2]
+
+
+# ------------------------------------------------------------------------- output
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """columns: (header, key, format spec) — missing values print as '-'."""
+    cells = [[h for h, _, _ in columns]]
+    for row in rows:
+        line = []
+        for _, key, spec in columns:
+            value = row.get(key)
+            line.append("-" if value is None else format(value, spec))
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    out = []
+    for j, r in enumerate(cells):
+        out.append("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

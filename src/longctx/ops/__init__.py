@@ -1,0 +1,17 @@
+"""Pure attention functions on (B, H, N, D) tensors: no parameters, no torch.distributed."""
+
+from . import reference
+from .attention import attention, chunked_attention, merge
+from .dilated import dilated_attention, dilated_attention_flops
+from .sliding import sliding_window_attention, sliding_window_flops
+
+__all__ = [
+    "attention",
+    "chunked_attention",
+    "dilated_attention",
+    "dilated_attention_flops",
+    "merge",
+    "reference",
+    "sliding_window_attention",
+    "sliding_window_flops",
+]

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+# Tolerances by dtype: (atol, rtol) for values of order 1.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: None,  # checked by relative norm, see assert_close_dtype
+}
+BF16_REL = 2e-2
+
+
+def make_qkv(b, h, nq, nk, d, dtype=torch.float64, seed=0, dv=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, nq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, h, nk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, h, nk, dv or d, generator=g, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def assert_close_dtype(actual, expected, dtype, scale=1.0):
+    """Compare a result computed in ``dtype`` with a float64 reference."""
+    actual = actual.to(torch.float64)
+    expected = expected.to(torch.float64)
+    finite = torch.isfinite(expected)
+    # -inf must match exactly (empty rows)
+    assert torch.equal(torch.isneginf(actual), torch.isneginf(expected))
+    actual, expected = actual[finite], expected[finite]
+    if dtype == torch.bfloat16:
+        denom = expected.norm().clamp_min(1e-12)
+        rel = float((actual - expected).norm() / denom)
+        assert rel <= BF16_REL, f"relative error {rel:.3g} > {BF16_REL}"
+    else:
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol * scale)
+
+
+def grads_of(fn, q, k, v, g_out, g_lse):
+    """(out, lse, dq, dk, dv) of fn(q, k, v) -> (out, lse) under the loss
+    <out, g_out> + <lse, g_lse> (g_lse None: lse not used)."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out, lse = fn(q, k, v)
+    loss = (out.to(torch.float64) * g_out).sum()
+    if g_lse is not None:
+        finite = torch.isfinite(lse)
+        loss = loss + (torch.where(finite, lse.to(torch.float64), 0.0) * g_lse).sum()
+    loss.backward()
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def cuda_available():
+    return torch.cuda.is_available()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
