@@ -83,10 +83,22 @@ class Block:
     def kernel_mask(
         self, tile: Tile, dtype: torch.dtype, device: torch.device
     ) -> tuple[bool, Tensor | None]:
-        """(top-left causal flag for the kernel, additive bias or None) for one tile."""
+        """(top-left causal flag for the kernel, additive bias or None) for one tile.
+
+        Decided from the tile's position ranges, so a tile that needs no mask (all pairs
+        visible, or exactly top-left causal) never builds one.
+        """
         delta = self._delta(tile)
-        if self.window is None:
-            if not self.causal or delta >= tile.k1 - tile.k0 - 1:
+        cols = tile.k1 - tile.k0
+        # largest position gap (query - key) among the tile's causally visible pairs,
+        # and the largest key-after-query gap
+        q_lo, q_hi = self.q_pos0 + tile.q0, self.q_pos0 + tile.q1 - 1
+        k_lo, k_hi = self.k_pos0 + tile.k0, self.k_pos0 + tile.k1 - 1
+        window_free = self.window is None or (
+            q_hi - k_lo < self.window and (self.causal or k_hi - q_lo < self.window)
+        )
+        if window_free:
+            if not self.causal or delta >= cols - 1:
                 return False, None
             if delta == 0:
                 return True, None
@@ -98,14 +110,15 @@ class Block:
         """Number of visible (query, key) pairs in one group of this block (all tiles)."""
         total = 0
         for tile in self.all_tiles():
+            causal, bias = self.kernel_mask(tile, torch.float32, torch.device("cpu"))
             rows, cols = tile.q1 - tile.q0, tile.k1 - tile.k0
-            delta = self._delta(tile)
-            if self.window is None and (not self.causal or delta >= cols - 1):
-                total += rows * cols
-            elif self.window is None:  # row t sees cols 0..t+delta (clipped)
-                total += int((torch.arange(rows) + delta + 1).clamp(0, cols).sum())
+            if bias is not None:
+                total += int(torch.isfinite(bias).sum())
+            elif causal:  # top-left: row t sees cols 0..t
+                m = min(rows, cols)
+                total += m * (m + 1) // 2 + max(rows - cols, 0) * cols
             else:
-                total += int(self.visible(tile).sum())
+                total += rows * cols
         return total
 
 

@@ -15,18 +15,33 @@ from .attention import rows
 
 
 def default_block(window: int) -> int:
-    """Query block size: about the window, kept between 64 and 1024 rows."""
-    return max(64, min(window, 1024))
+    """Query rows per block: a quarter of the window, kept between 64 and 512 rows."""
+    return max(64, min(window // 4, 512))
 
 
 def plan_sliding(n: int, window: int, causal: bool, block_size: int | None = None) -> list[Block]:
+    """One block over the whole sequence, tiled per query block [a, b).
+
+    With b - a <= window, the keys every query of the block sees form one unmasked span;
+    the keys just past the window's edge form a masked band (one per side when
+    non-causal); causal: the keys [a, b) form an exactly top-left causal tile.
+    Blocks larger than the window are cut into single tiles with explicit masks.
+    """
     window = positive_int(window, "window")
     c = positive_int(block_size, "block_size") if block_size is not None else default_block(window)
     tiles = []
     for a in range(0, n, c):
         b = min(n, a + c)
-        k_hi = b if causal else min(n, b + window - 1)
-        tiles.append(Tile(a, b, max(0, a - window + 1), k_hi))
+        lo = max(0, a - window + 1)  # first key any query of the block sees
+        hi = b if causal else min(n, b + window - 1)  # one past the last
+        if b - a > window:
+            tiles.append(Tile(a, b, lo, hi))
+            continue
+        # keys every query sees: [b - window, a + window) (causal: up to a, diagonal after)
+        all_lo = max(lo, b - window)
+        all_hi = a if causal else min(hi, a + window)
+        cuts = sorted({lo, all_lo, all_hi, hi} | ({b} if causal else set()))
+        tiles += [Tile(a, b, k0, k1) for k0, k1 in zip(cuts[:-1], cuts[1:]) if k1 > k0]
     blk = Block(
         rows(0, n), rows(0, n), lq=n, lk=n, causal=causal, window=window, tiles=tuple(tiles)
     )
