@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
+
+
+def _bench_train(args) -> int:
+    from .bench import train
+
+    train.run(args)
+    return 0
 
 
 def _bench_attention(args) -> int:
@@ -13,14 +23,144 @@ def _bench_attention(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .evaluate import evaluate_run
+    from .train import prepare_run, resolve_config, train
+
+    if args.resume:
+        if args.out is None:
+            raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+        if args.preset or args.config:
+            raise ValueError(
+                "--resume continues a run with its saved config; drop --preset/--config"
+            )
+        run_dir = Path(args.out)
+        cfg = prepare_run(run_dir, None, True, args.set)
+    else:
+        cfg = resolve_config(args.preset, args.config, args.set)
+        name = args.preset or (Path(args.config).stem if args.config else "tiny")
+        run_dir = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        prepare_run(run_dir, cfg, False)
+    print(f"run directory: {run_dir}")
+    result = train(cfg, run_dir, resume=args.resume, checkpoint=args.checkpoint)
+    print(
+        f"stopped at step {result.step} ({result.tokens:,} tokens) by {result.stopped_by}; "
+        f"checkpoint {result.checkpoint}"
+    )
+    if result.stopped_by == "interrupt":
+        print(f"continue with: longctx train --resume --out {run_dir}")
+        return 130
+    print(
+        f"validation: {result.val_bpb:.3f} bits/byte "
+        f"(unigram baseline {result.unigram_bpb:.3f} bits/byte)"
+    )
+    if not args.no_eval:
+        _print_eval(evaluate_run(run_dir))
+    return 0
+
+
+def _print_eval(res: dict) -> None:
+    print(f"\nevaluation of {res['checkpoint']} (unigram baseline {res['unigram_bpb']:.3f}):")
+    for entry in res["by_context"]:
+        if "bpb" in entry:
+            print(
+                f"  context {entry['context']:>7,}: {entry['bpb']:.3f} bits/byte "
+                f"({entry['windows']} windows)"
+            )
+        else:
+            print(f"  context {entry['context']:>7,}: skipped ({entry['skipped']})")
+    if "by_position" in res:
+        cells = ", ".join(
+            f"{b['positions'][0]}-{b['positions'][1] - 1}: {b['bpb']:.2f}"
+            for b in res["by_position"]
+        )
+        print(f"  by position (training context): {cells}")
+    print(f"  results: {Path(res['run_dir']) / 'eval' / 'eval.json'}")
+    for p in res["plots"]:
+        print(f"  plot: {p}")
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate_run
+
+    contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else None
+    _print_eval(evaluate_run(Path(args.run_dir), contexts=contexts, windows=args.windows))
+    return 0
+
+
+def _info(args) -> int:
+    from .evaluate import run_info
+
+    info = run_info(Path(args.run_dir))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    m = info["config"]["model"]
+    fl = info["flops_per_token"]
+    print(f"checkpoint: {info['checkpoint']} (step {info['step']}, {info['tokens']:,} tokens)")
+    print(
+        f"model: {m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads, "
+        f"attention {m['attention']}"
+    )
+    print(
+        f"parameters: {info['parameters']:,} ({info['non_embedding_parameters']:,} non-embedding)"
+    )
+    print(
+        f"FLOPs per token at context {info['context']:,}: forward {fl['forward'] / 1e6:.2f} M "
+        f"(attention {fl['attention_forward'] / 1e6:.2f} M), training ~{fl['train'] / 1e6:.2f} M"
+    )
+    print("config:")
+    print(json.dumps(info["config"], indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bench import attention
+    from .bench import train as bench_train
 
     parser = argparse.ArgumentParser(
         prog="longctx", description="Long-context attention: benchmarks and tools."
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    from .config import preset_names
+
+    p = sub.add_parser(
+        "train",
+        help="train a long-context LM (default: the tiny preset on the Python stdlib)",
+        description="Train a decoder LM. With no arguments: the 'tiny' preset on the built-in "
+        "corpus (the running Python's standard library), about 10 minutes on 2 CPU cores, "
+        "then an evaluation.",
+    )
+    p.add_argument("--preset", choices=preset_names(), help="a shipped preset (default tiny)")
+    p.add_argument("--config", type=Path, help="a TOML file with [model], [train], [data]")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set train.max_steps=200",
+    )
+    p.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--checkpoint", type=Path, help="with --resume: this checkpoint directory")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a run: bits per byte by position and context")
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--contexts",
+        help="comma-separated context lengths (default: 1x, 2x, 4x the training context)",
+    )
+    p.add_argument("--windows", type=int, default=16, help="validation windows per context")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("info", help="a run's config, parameter count and FLOPs per token")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_info)
 
     bench = sub.add_parser("bench", help="benchmarks (time, memory, FLOP/s vs N)")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -32,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     attention.add_arguments(p)
     p.set_defaults(func=_bench_attention)
+    p = bench_sub.add_parser(
+        "train",
+        help="training tokens/s and peak memory vs context: dense vs dilated vs sliding",
+        description=bench_train.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_train.add_arguments(p)
+    p.set_defaults(func=_bench_train)
     return parser
 
 
@@ -48,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except ValueError as exc:  # bad options: a clear message, no traceback
+    except (ValueError, FileNotFoundError) as exc:  # bad input: a clear message, no traceback
         print(f"longctx: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

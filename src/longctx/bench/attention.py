@@ -111,6 +111,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=1024, help="sliding-window size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--min-time",
+        type=float,
+        default=0.3,
+        help="repeat a fast case until this many seconds have run (median)",
+    )
+    p.add_argument(
+        "--peak-size",
+        type=int,
+        default=None,
+        help="matrix size of the matmul-peak measurement (default 4096 CPU, 8192 GPU)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("bench-out/attention"),
@@ -152,7 +164,7 @@ def run(args) -> list[dict]:
     results_path.write_text("")
 
     print(f"measuring the {args.dtype} matmul peak on {device} ...", flush=True)
-    peak = common.matmul_peak_gflops(device, dtype)
+    peak = common.matmul_peak_gflops(device, dtype, args.peak_size)
     info = common.machine_info(device)
     where = info.get("gpu", info["cpu"])
     print(
@@ -171,7 +183,9 @@ def run(args) -> list[dict]:
             row = _case_row(method, causal, n, args, info, peak)
             bar.set_postfix_str(f"{name} causal={causal} N={n}")
             if stop_reason is None:
-                stop_reason = _predict_skip(last, row, args.budget, device)
+                stop_reason = common.predict_skip(
+                    last, row, args.budget, device, cost="useful_flops", size="qkvo_bytes"
+                )
             if stop_reason is not None:
                 row["status"] = "skipped: " + stop_reason
             else:
@@ -216,26 +230,6 @@ def _case_row(method: Method, causal: bool, n: int, args, info: dict, peak: floa
     }
 
 
-def _predict_skip(last: dict | None, row: dict, budget: float, device: torch.device) -> str | None:
-    free = common.available_memory(device)
-    if last is None:
-        predicted_mem = 2 * row["qkvo_bytes"]
-        if predicted_mem > 0.9 * free:
-            return (
-                f"needs about {common.human_bytes(predicted_mem)}, {common.human_bytes(free)} free"
-            )
-        return None
-    t = last["time_s"] * row["useful_flops"] / max(last["useful_flops"], 1)
-    if t > budget:
-        return f"predicted {t:.0f} s > budget {budget:.0f} s"
-    grow = row["qkvo_bytes"] / last["qkvo_bytes"]
-    predicted_mem = last["peak_mem_over_start"] * grow
-    if predicted_mem > 0.9 * free:
-        need, have = common.human_bytes(predicted_mem), common.human_bytes(free)
-        return f"predicted memory {need} > free {have}"
-    return None
-
-
 def _measure(method, causal, n, row, args, device, dtype, peak) -> None:
     g = torch.Generator(device=device).manual_seed(args.seed)
     shape = (args.batch, args.heads, n, args.head_dim)
@@ -245,7 +239,7 @@ def _measure(method, causal, n, row, args, device, dtype, peak) -> None:
         v = torch.randn(shape, generator=g, device=device, dtype=dtype)
         if n <= 1 << 15:  # warm-up (caches, allocator) where it is cheap
             method.run(q, k, v, causal)
-        seconds = common.time_call(lambda: method.run(q, k, v, causal), device)
+        seconds = common.time_call(lambda: method.run(q, k, v, causal), device, args.min_time)
         peak_mem = mem.peak()
     gflops = row["useful_flops"] / seconds / 1e9
     row.update(
@@ -330,54 +324,24 @@ def summarize(rows: list[dict], peak: float) -> dict:
 
 
 def plot(rows: list[dict], path: Path, info: dict, peak: float) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
-    names = sorted({r["method"] for r in rows})
-    colors = {name: f"C{i}" for i, name in enumerate(names)}
-    for name in names:
-        for causal in (False, True):
-            pts = [
-                r
-                for r in rows
-                if r["method"] == name and r["causal"] == causal and r["status"] == "ok"
-            ]
-            if not pts:
-                continue
-            ns = [r["n"] for r in pts]
-            style = "-" if causal else "--"
-            label = f"{name} ({'causal' if causal else 'non-causal'})"
-            ax_t.plot(
-                ns, [r["time_s"] for r in pts], style, marker="o", color=colors[name], label=label
-            )
-            ax_m.plot(
-                ns,
-                [r["peak_mem_bytes"] / 2**30 for r in pts],
-                style,
-                marker="o",
-                color=colors[name],
-                label=label,
-            )
-    for ax, ylabel in ((ax_t, "forward time (s)"), (ax_m, "peak memory (GiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length N")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend(fontsize=7)
     r0 = rows[0]
-    fig.suptitle(
-        f"attention forward, B={r0['batch']} H={r0['heads']} D={r0['head_dim']} {r0['dtype']} "
-        f"on {info.get('gpu', info['cpu'])} ({info['torch_threads']} threads); "
-        f"matmul peak {peak:.0f} GFLOP/s",
-        fontsize=9,
+    for r in rows:
+        if "peak_mem_bytes" in r:
+            r["peak_mem_gib"] = r["peak_mem_bytes"] / 2**30
+    return common.plot_sweep(
+        rows,
+        path,
+        x="n",
+        xlabel="sequence length N",
+        panels=[("time_s", "forward time (s)"), ("peak_mem_gib", "peak memory (GiB)")],
+        series=lambda r: (
+            f"{r['method']} ({'causal' if r['causal'] else 'non-causal'})",
+            r["method"],
+            not r["causal"],
+        ),
+        title=(
+            f"attention forward, B={r0['batch']} H={r0['heads']} D={r0['head_dim']} "
+            f"{r0['dtype']} on {info.get('gpu', info['cpu'])} ({info['torch_threads']} "
+            f"threads); matmul peak {peak:.0f} GFLOP/s"
+        ),
     )
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path

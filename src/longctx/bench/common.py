@@ -199,3 +199,80 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+# ------------------------------------------------------------------------- sweeps
+
+
+def predict_skip(
+    last: dict | None, row: dict, budget: float, device: torch.device, *, cost: str, size: str
+) -> str | None:
+    """Why a sweep case should be skipped, or None.
+
+    Time is predicted from the previous measured case of the series scaled by the ratio
+    of ``row[cost]`` (e.g. FLOPs); memory from its peak scaled by the ratio of
+    ``row[size]`` (bytes that grow with the case). The first case of a series is skipped
+    only when twice ``row[size]`` exceeds the free memory.
+    """
+    free = available_memory(device)
+    if last is None:
+        need = 2 * row[size]
+        if need > 0.9 * free:
+            return f"needs about {human_bytes(need)}, {human_bytes(free)} free"
+        return None
+    t = last["time_s"] * row[cost] / max(last[cost], 1)
+    if t > budget:
+        return f"predicted {t:.0f} s > budget {budget:.0f} s"
+    need = last["peak_mem_over_start"] * row[size] / max(last[size], 1)
+    if need > 0.9 * free:
+        return f"predicted memory {human_bytes(need)} > free {human_bytes(free)}"
+    return None
+
+
+def plot_sweep(
+    rows: Sequence[dict],
+    path: Path,
+    *,
+    x: str,
+    xlabel: str,
+    panels: Sequence[tuple[str, str]],
+    series: Callable[[dict], tuple[str, str, bool]],
+    title: str,
+) -> Path:
+    """Log-log panels of measured rows: one line per series; ``series(row)`` gives
+    (label, color key, dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    groups: dict[tuple, list[dict]] = {}
+    for r in ok:
+        groups.setdefault(series(r), []).append(r)
+    colors = {key: f"C{i}" for i, key in enumerate(sorted({g[1] for g in groups}))}
+    for ax, (key, ylabel) in zip(axes[0], panels, strict=True):
+        for (label, color, dashed), pts in sorted(groups.items()):
+            pts = sorted(pts, key=lambda r: r[x])
+            ax.plot(
+                [r[x] for r in pts],
+                [r[key] for r in pts],
+                "--" if dashed else "-",
+                marker="o",
+                color=colors[color],
+                label=label,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,9 +1,10 @@
 """Attention as a plan of blocks, merged by log-sum-exp, with one exact autograd Function.
 
 A *plan* is a list of :class:`Block`. Each block selects some queries and some keys (as
-views of the full tensors), says which (query, key) pairs inside it are visible, and is
-computed by one kernel call (``_kernels.attn_fwd``). Block results are merged into the
-output accumulators in place, so memory stays at one block's result beyond the output
+views of the full tensors) and says which (query, key) pairs inside it are visible; its
+:class:`Tile` list cuts it into kernel calls (``_kernels.attn_fwd``), each chosen so that
+the fused kernel needs no explicit mask where possible. Tile results are merged into the
+output accumulators in place, so memory stays at one tile's result beyond the output
 (the LongNet requirement that branch results be merged as they are computed).
 
 Backward recomputes each block from the *global* out and lse (flash-attention style), so

@@ -1,0 +1,220 @@
+"""``longctx bench train``: training tokens/s and peak memory vs context length for one
+model size with dense, dilated (LongNet) and sliding-window attention.
+
+Each step trains on a fixed number of tokens (``--tokens-per-step``, batch = that /
+context, at least 1) so every context length does comparable work per step. A case whose
+predicted step time exceeds ``--budget`` seconds is recorded as skipped (with the
+prediction), which is how the dense model's quadratic cost shows at long contexts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..model import DecoderLM, ModelConfig
+from ..train.config import TrainConfig
+from ..train.loop import build_optimizer
+from . import common
+
+PATTERNS = {
+    "dense": {"attention": "dense"},
+    # LongNet's paper pattern at 1/4 scale (w = 2048..32768 -> 512..8192, same rates)
+    "dilated": {
+        "attention": "dilated",
+        "segment_lengths": [512, 1024, 2048, 4096, 8192],
+        "dilation_rates": [1, 2, 4, 6, 12],
+    },
+    "sliding": {"attention": "sliding_window", "window": 1024},
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--patterns",
+        default="dense,dilated,sliding",
+        help=f"comma-separated subset of {', '.join(PATTERNS)}",
+    )
+    p.add_argument("--min-context", type=int, default=2048)
+    p.add_argument("--max-context", type=int, default=65536)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--tokens-per-step", type=int, default=16384)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per case (after 1 warm-up)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=120.0,
+        help="skip a case whose predicted time (warm-up + timed steps) exceeds this",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench-out/train"))
+
+
+def _contexts(lo: int, hi: int) -> list[int]:
+    if lo < 16 or hi < lo:
+        raise ValueError(f"need 16 <= --min-context <= --max-context, got {lo} and {hi}")
+    return [1 << e for e in range(math.ceil(math.log2(lo)), int(math.log2(hi)) + 1)]
+
+
+def run(args) -> list[dict]:
+    names = [p.strip() for p in args.patterns.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PATTERNS]
+    if unknown or not names:
+        raise ValueError(f"unknown pattern(s) {unknown}; choose from {list(PATTERNS)}")
+    for flag in ("d_model", "layers", "heads", "tokens_per_step", "steps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    contexts = _contexts(args.min_context, args.max_context)
+    device = torch.device("cpu")
+    info = common.machine_info(device)
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / "results.jsonl"
+    results.write_text("")
+    rows: list[dict] = []
+    bar = tqdm(total=len(names) * len(contexts), desc="bench train", unit="case")
+    for name in names:
+        cfg = ModelConfig(
+            d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, **PATTERNS[name]
+        )
+        last = None
+        stop = None
+        for ctx in contexts:
+            bar.set_postfix_str(f"{name} context={ctx}")
+            row = _row(name, cfg, ctx, args, info)
+            if stop is None:
+                stop = common.predict_skip(
+                    last,
+                    row,
+                    args.budget,
+                    device,
+                    cost="train_flops_per_step",
+                    size="activation_proxy",
+                )
+            if stop is not None:
+                row["status"] = "skipped: " + stop
+            else:
+                _measure(cfg, ctx, row, args)
+                last = row
+            rows.append(row)
+            common.append_jsonl(results, row)
+            bar.update(1)
+    bar.close()
+    print()
+    print(common.format_table(rows, COLUMNS))
+    summary = summarize(rows)
+    common.write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    for line in summary["lines"]:
+        print(line)
+    if any(r["status"] == "ok" for r in rows):
+        png = plot(rows, out_dir / "train.png", info)
+        print(f"\nwrote {results}, {out_dir / 'summary.json'} and {png}")
+    return rows
+
+
+def _row(name: str, cfg: ModelConfig, ctx: int, args, info: dict) -> dict:
+    batch = max(1, args.tokens_per_step // ctx)
+    model = DecoderLM(cfg)
+    fpt = model.flops_per_token(ctx)
+    tokens = batch * ctx
+    return {
+        "bench": "train",
+        "pattern": name,
+        "context": ctx,
+        "batch": batch,
+        "tokens_per_step": tokens,
+        "model": cfg.to_dict(),
+        "parameters": model.num_params(),
+        "bf16": args.bf16,
+        "train_flops_per_step": fpt["train"] * tokens * (args.steps + 1),
+        # activations grow with tokens per step x layers; a proxy for memory prediction
+        "activation_proxy": tokens * cfg.d_model * cfg.n_layers * 64,
+        "machine": info,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _measure(cfg: ModelConfig, ctx: int, row: dict, args) -> None:
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    with common.PeakMemory(torch.device("cpu")) as mem:
+        model = DecoderLM(cfg)
+        opt = build_optimizer(model, TrainConfig())
+        x = torch.randint(0, 256, (row["batch"], ctx + 1), generator=g)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                loss = model.loss(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t0 = time.perf_counter()
+        step()  # warm-up
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        seconds = (time.perf_counter() - t0) / args.steps
+        peak = mem.peak()
+    row.update(
+        status="ok",
+        step_s=seconds,
+        time_s=warm + seconds * args.steps,
+        tokens_per_s=row["tokens_per_step"] / seconds,
+        peak_mem_bytes=peak,
+        peak_mem_gib=peak / 2**30,
+        peak_mem_over_start=peak - mem.start_rss,
+    )
+
+
+COLUMNS = [
+    ("pattern", "pattern", ""),
+    ("context", "context", ","),
+    ("batch", "batch", ""),
+    ("step s", "step_s", ".3f"),
+    ("tokens/s", "tokens_per_s", ",.0f"),
+    ("peak mem GiB", "peak_mem_gib", ".2f"),
+    ("status", "status", ""),
+]
+
+
+def summarize(rows: list[dict]) -> dict:
+    lines = [""]
+    out: dict = {}
+    by = {(r["pattern"], r["context"]): r for r in rows if r["status"] == "ok"}
+    for ctx in sorted({r["context"] for r in rows}):
+        dense, dil = by.get(("dense", ctx)), by.get(("dilated", ctx))
+        if dense and dil:
+            ratio = dil["tokens_per_s"] / dense["tokens_per_s"]
+            out[f"dilated_over_dense_tokens_per_s_{ctx}"] = ratio
+            lines.append(f"context {ctx:,}: dilated trains {ratio:.1f}x the tokens/s of dense")
+    out["lines"] = lines
+    return out
+
+
+def plot(rows: list[dict], path: Path, info: dict) -> Path:
+    r0 = rows[0]
+    m = r0["model"]
+    return common.plot_sweep(
+        rows,
+        path,
+        x="context",
+        xlabel="context length",
+        panels=[("tokens_per_s", "training tokens/s"), ("peak_mem_gib", "peak memory (GiB)")],
+        series=lambda r: (r["pattern"], r["pattern"], False),
+        title=(
+            f"training throughput, d_model={m['d_model']} layers={m['n_layers']} "
+            f"heads={m['n_heads']}, {r0['tokens_per_step']:,} tokens/step, on "
+            f"{info['cpu']} ({info['torch_threads']} threads)"
+        ),
+    )

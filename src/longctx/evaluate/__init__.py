@@ -1,0 +1,170 @@
+"""``longctx eval RUN_DIR``: validation bits per byte overall, by token position, and at
+context lengths beyond training (extrapolation). Writes eval/eval.json and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data import DataConfig, load_corpus
+from ..data.corpus import eval_windows
+from ..model import DecoderLM
+from ..model.checkpoint import latest_checkpoint, load_model
+
+LN2 = math.log(2.0)
+
+
+def position_buckets(context: int, n_buckets: int) -> list[tuple[int, int]]:
+    """Log-spaced [lo, hi) position ranges covering 0..context (first bucket is [0, 1))."""
+    edges = np.unique(np.geomspace(1, context, num=n_buckets).round().astype(int))
+    edges = [0, *[int(e) for e in edges if 0 < e < context], context]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def bpb_by_position(
+    model: DecoderLM, windows: list[torch.Tensor], batch: int, desc: str, progress: bool
+) -> np.ndarray:
+    """Mean bits per byte at each position (N,) over the windows."""
+    total = None
+    for i in tqdm(range(0, len(windows), batch), desc=desc, disable=not progress, leave=False):
+        nll = model.nll_per_position(torch.stack(windows[i : i + batch]))  # (b, N)
+        s = nll.sum(dim=0)
+        total = s if total is None else total + s
+    return (total / len(windows) / LN2).numpy()
+
+
+def evaluate_run(
+    run_dir: Path,
+    *,
+    contexts: list[int] | None = None,
+    windows: int = 16,
+    buckets: int = 12,
+    batch: int = 4,
+    progress: bool = True,
+) -> dict:
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    model, state = load_model(ckpt)
+    model.eval()
+    cfg = state["config"]
+    train_ctx = int(cfg["train"]["context"])
+    contexts = contexts or [train_ctx, 2 * train_ctx, 4 * train_ctx]
+    if any(c < 1 for c in contexts):
+        raise ValueError(f"contexts must be positive, got {contexts}")
+    if windows < 1:
+        raise ValueError(f"windows must be >= 1, got {windows}")
+    corpus = load_corpus(DataConfig.from_dict(cfg["data"]))
+    results: dict = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt),
+        "step": state["step"],
+        "train_context": train_ctx,
+        "unigram_bpb": corpus.unigram_bits_per_token(),
+        "by_context": [],
+    }
+    t0 = time.monotonic()
+    for ctx in sorted(set(contexts)):
+        try:
+            wins = eval_windows(corpus.val, ctx, windows)
+        except ValueError as exc:
+            results["by_context"].append({"context": ctx, "skipped": str(exc)})
+            continue
+        per_pos = bpb_by_position(model, wins, batch, f"eval ctx={ctx}", progress)
+        entry = {
+            "context": ctx,
+            "windows": len(wins),
+            "bpb": float(per_pos.mean()),
+            "buckets": [
+                {"positions": [a, b], "bpb": float(per_pos[a:b].mean())}
+                for a, b in position_buckets(ctx, buckets)
+            ],
+        }
+        if ctx == train_ctx:
+            results["bpb"] = entry["bpb"]
+            results["by_position"] = entry["buckets"]
+        results["by_context"].append(entry)
+    results["seconds"] = time.monotonic() - t0
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    tmp = out / "eval.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / "eval.json")
+    results["plots"] = _plot(results, out)
+    return results
+
+
+def _plot(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for entry in results["by_context"]:
+        if "buckets" not in entry:
+            continue
+        mids = [(b["positions"][0] + b["positions"][1] - 1) / 2 + 1 for b in entry["buckets"]]
+        ax.plot(
+            mids,
+            [b["bpb"] for b in entry["buckets"]],
+            marker="o",
+            label=f"context {entry['context']}",
+        )
+    ax.axhline(results["unigram_bpb"], color="gray", ls=":", label="unigram baseline")
+    ax.axvline(results["train_context"], color="k", ls="--", lw=0.8, label="training context")
+    ax.set_xscale("log")
+    ax.set_xlabel("token position (1 = first predicted token)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(f"validation bits per byte by position (step {results['step']})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "bpb_by_position.png"))
+    plt.close(fig)
+
+    done = [e for e in results["by_context"] if "bpb" in e]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([e["context"] for e in done], [e["bpb"] for e in done], marker="o")
+    ax.axvline(results["train_context"], color="k", ls="--", lw=0.8, label="training context")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("evaluation context length")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("validation bits per byte vs context length")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "bpb_by_context.png"))
+    plt.close(fig)
+    return paths
+
+
+def _save(fig, path: Path) -> str:
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def run_info(run_dir: Path) -> dict:
+    """Config, parameter counts and FLOPs per token of a run's latest checkpoint."""
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    model, state = load_model(ckpt)
+    ctx = int(state["config"]["train"]["context"])
+    return {
+        "checkpoint": str(ckpt),
+        "step": state["step"],
+        "tokens": state.get("tokens"),
+        "config": state["config"],
+        "parameters": model.num_params(),
+        "non_embedding_parameters": model.num_params(non_embedding=True),
+        "context": ctx,
+        "flops_per_token": model.flops_per_token(ctx),
+    }

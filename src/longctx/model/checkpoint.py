@@ -1,0 +1,152 @@
+"""Checkpoints: a directory per step holding safetensors files and ``state.json``.
+
+Written atomically: files go to a hidden temporary directory, are flushed to disk, and the
+directory is renamed into place, so a crash never leaves a half-written checkpoint under a
+real name and never touches earlier ones. ``state.json`` records the sha256 of every
+tensor file; loading verifies them and names the checkpoint and file when one is
+truncated or corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .lm import DecoderLM
+
+STEP_PREFIX = "step-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated or corrupt."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    ckpt_root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict
+) -> Path:
+    """Write ``ckpt_root/step-<step>/`` with one ``<name>.safetensors`` per entry of
+    ``tensors`` and ``state.json``; return its path."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"{STEP_PREFIX}{step:08d}"
+    tmp = ckpt_root / f".tmp-{STEP_PREFIX}{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    hashes = {}
+    for name, group in tensors.items():
+        path = tmp / f"{name}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(path))
+        hashes[path.name] = _sha256(path)
+    state = dict(state, step=step, files=hashes)
+    with (tmp / "state.json").open("w") as f:
+        json.dump(state, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    for path in tmp.iterdir():
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    dirs = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
+    return sorted(dirs, key=lambda p: p.name)
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
+    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in ckpt_root.glob(f".tmp-{STEP_PREFIX}*"):  # leftovers of a killed writer
+        if not tmp.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint(
+    path: Path, names: list[str]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Read and verify a checkpoint directory: ({name: tensors}, state)."""
+    state_path = path / "state.json"
+    try:
+        state = json.loads(state_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no state.json (incomplete?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: state.json is corrupt ({exc})") from None
+    files = state.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"checkpoint {path}: state.json lists no tensor files")
+    out = {}
+    for name in names:
+        fname = f"{name}.safetensors"
+        fpath = path / fname
+        if not fpath.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {fname}")
+        if fname not in files or _sha256(fpath) != files[fname]:
+            raise CheckpointError(
+                f"checkpoint {path}: {fname} is truncated or corrupt (sha256 differs from the "
+                "one recorded when it was written); resume from an earlier checkpoint with "
+                "--checkpoint, or start again"
+            )
+        try:
+            out[name] = load_file(str(fpath))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path}: cannot read {fname}: {exc}") from None
+    return out, state
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path:
+    ckpts = list_checkpoints(ckpt_root)
+    if not ckpts:
+        raise CheckpointError(f"no checkpoint under {ckpt_root}")
+    return ckpts[-1]
+
+
+def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[DecoderLM, dict]:
+    """A model and its checkpoint state from a checkpoint directory."""
+    tensors, state = load_checkpoint(path, ["model"])
+    try:
+        cfg = ModelConfig.from_dict(state["config"]["model"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: state.json has no model config ({exc})"
+        ) from None
+    model = DecoderLM(cfg)
+    try:
+        model.load_state_dict(tensors["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit its config: {exc}") from None
+    return model.to(map_location), state

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import from_dict, to_dict
+from ..nn.attention import ATTENTION_PATTERNS
+from ..ops.dilated import OFFSET_MODES, check_branches
+
+
+@dataclass
+class ModelConfig:
+    """Decoder LM: byte vocabulary, pre-norm blocks (RMSNorm, rotary multi-head attention,
+    SwiGLU), tied embeddings. ``attention`` picks the pattern of every layer."""
+
+    vocab_size: int = 264  # 256 bytes + specials, padded to a multiple of 8
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_hidden: int = 0  # 0: about 8/3 * d_model, rounded up to a multiple of 64
+    attention: str = "dense"
+    segment_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
+    dilation_rates: list[int] = field(default_factory=lambda: [1, 2, 4])
+    dilated_offsets: str = "paper"
+    window: int = 256
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be a multiple of model.n_heads "
+                f"({self.n_heads})"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"head size d_model / n_heads = {self.d_model // self.n_heads} must be even "
+                "(rotary positions rotate pairs of dimensions)"
+            )
+        if self.ffn_hidden < 0:
+            raise ValueError(f"model.ffn_hidden must be >= 0, got {self.ffn_hidden}")
+        if self.attention not in ATTENTION_PATTERNS:
+            raise ValueError(
+                f"model.attention must be one of {ATTENTION_PATTERNS}, got {self.attention!r}"
+            )
+        if self.dilated_offsets not in OFFSET_MODES:
+            raise ValueError(
+                f"model.dilated_offsets must be one of {OFFSET_MODES}, got {self.dilated_offsets!r}"
+            )
+        if self.attention == "dilated":
+            check_branches(self.segment_lengths, self.dilation_rates, self.dilated_offsets)
+            if 1 not in self.dilation_rates:
+                raise ValueError(
+                    "model.dilation_rates needs a branch with rate 1 so that every position "
+                    f"is covered at every length, got {self.dilation_rates}"
+                )
+        if self.window < 1:
+            raise ValueError(f"model.window must be >= 1, got {self.window}")
+        if self.rope_base <= 1:
+            raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        return from_dict(cls, data, "model")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)

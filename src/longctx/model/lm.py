@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..nn import MultiHeadAttention, RMSNorm, SwiGLU
+from ..nn.attention import make_kernel
+from .config import ModelConfig
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        kernel = make_kernel(
+            cfg.attention,
+            segment_lengths=cfg.segment_lengths,
+            dilation_rates=cfg.dilation_rates,
+            offsets=cfg.dilated_offsets,
+            window=cfg.window,
+        )
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, kernel, cfg.rope_base)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, cfg.hidden)
+
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class DecoderLM(nn.Module):
+    """Pre-norm decoder over byte tokens with tied input/output embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            # residual-branch outputs scaled down with depth (GPT-2)
+            scale = (
+                1 / math.sqrt(2 * self.cfg.n_layers)
+                if name.endswith(("proj.weight", "w2.weight"))
+                else 1
+            )
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        """tokens (B, N) int64 -> logits (B, N, vocab) (float32)."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        x = self.embed(tokens)  # (B, N, C)
+        for block in self.blocks:
+            x = block(x, positions)
+        x = self.norm(x)
+        return F.linear(x, self.embed.weight).float()  # tied head, (B, N, V)
+
+    def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy (nats per token) of predicting targets (B, N)."""
+        logits = self(tokens)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    @torch.no_grad()
+    def nll_per_position(self, windows: Tensor) -> Tensor:
+        """windows (B, N + 1) token ids -> NLL in nats of predicting token t + 1 from
+        tokens 0..t, for each position t: (B, N) float64."""
+        logits = self(windows[:, :-1])
+        nll = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")  # (B, N)
+        return nll.double()
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, context: int) -> dict[str, float]:
+        """Forward FLOPs per token at a context length: 2 per weight multiply-add (including
+        the tied output head) plus the attention pattern's useful FLOPs averaged over
+        positions. Training (forward + backward) costs about three times the forward."""
+        cfg = self.cfg
+        dense = 2 * (self.num_params(non_embedding=True) + self.embed.weight.numel())
+        h, d = cfg.n_heads, cfg.head_dim
+        if cfg.attention == "dense":
+            attn = 4 * d * h * context * (context + 1) / 2
+        elif cfg.attention == "dilated":
+            attn = ops.dilated_attention_flops(
+                context,
+                h,
+                d,
+                cfg.segment_lengths,
+                cfg.dilation_rates,
+                causal=True,
+                offsets=cfg.dilated_offsets,
+            )
+        else:
+            attn = ops.sliding_window_flops(context, h, d, cfg.window, causal=True)
+        attn_per_token = cfg.n_layers * attn / context
+        forward = dense + attn_per_token
+        return {"forward": forward, "train": 3 * forward, "attention_forward": attn_per_token}

@@ -1,0 +1,114 @@
+"""The run config: [model], [train] and [data] sections, from a preset, a TOML file and
+``--set section.key=value`` overrides, validated when built."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import apply_overrides, from_dict, load_preset, load_toml, to_dict
+from ..data import VOCAB_SIZE, DataConfig
+from ..model import ModelConfig
+
+DEFAULT_PRESET = "tiny"
+
+
+@dataclass
+class TrainConfig:
+    context: int = 512  # tokens per training sequence
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    max_tokens: int = 0  # 0 = no limit
+    max_minutes: float = 0.0  # 0 = no limit (wall clock of this process)
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    bf16: bool = False  # bfloat16 autocast
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 250  # 0 = only at the end
+    eval_windows: int = 32  # validation windows per periodic evaluation
+    save_every: int = 250
+    keep_checkpoints: int = 2
+    threads: int = 0  # 0 = torch's default
+
+    def __post_init__(self):
+        positive = (
+            "context",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "log_every",
+            "eval_windows",
+            "save_every",
+            "keep_checkpoints",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "max_tokens",
+            "max_minutes",
+            "warmup_steps",
+            "weight_decay",
+            "grad_clip",
+            "eval_every",
+            "threads",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        if self.model.vocab_size < VOCAB_SIZE:
+            raise ValueError(
+                f"model.vocab_size must be >= {VOCAB_SIZE} (256 bytes + specials), "
+                f"got {self.model.vocab_size}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def resolve_config(
+    preset: str | None = None, config_file: Path | None = None, overrides: list[str] = ()
+) -> RunConfig:
+    """Preset (default 'tiny', unless a config file is given), then the file, then --set."""
+    data: dict = {}
+    if preset is not None or config_file is None:
+        data = copy.deepcopy(load_preset(preset or DEFAULT_PRESET))
+    if config_file is not None:
+        _deep_update(data, load_toml(config_file))
+    apply_overrides(data, list(overrides))
+    return RunConfig.from_dict(data)
+
+
+def _deep_update(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value

@@ -1,0 +1,127 @@
+"""The benchmark machinery and the ``longctx`` command (tiny sizes: seconds, not minutes)."""
+
+import json
+
+import pytest
+import torch
+
+from longctx import cli
+from longctx.bench import common
+
+FAST = ["--peak-size", "256", "--min-time", "0.01"]
+
+
+def _run(argv, capsys):
+    rc = cli.main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_bench_attention_smoke(tmp_path, capsys):
+    out = tmp_path / "b"
+    rc, stdout, _ = _run(
+        [
+            "bench",
+            "attention",
+            "--min-n",
+            "64",
+            "--max-n",
+            "256",
+            "--heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--methods",
+            "sdpa,dilated-small,sliding",
+            "--window",
+            "32",
+            "--out",
+            str(out),
+            *FAST,
+        ],
+        capsys,
+    )
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 2 * 3  # methods x causal x N
+    for r in rows:
+        assert r["status"] == "ok"
+        assert r["time_s"] > 0 and r["gflops"] > 0 and r["peak_mem_bytes"] > 0
+        assert r["machine"]["torch"] == torch.__version__
+        assert r["matmul_peak_gflops"] > 0
+    sdpa = [r for r in rows if r["method"] == "sdpa" and not r["causal"]]
+    assert [r["useful_flops"] for r in sdpa] == [4 * 16 * 2 * n * n for n in (64, 128, 256)]
+    assert (out / "attention.png").stat().st_size > 1000
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["matmul_peak_gflops"] > 0
+    assert "sdpa" in stdout and "dilated-small" in stdout and "GFLOP/s" in stdout
+
+
+def test_bench_skips_cases_over_budget(tmp_path, capsys):
+    out = tmp_path / "b"
+    rc, stdout, _ = _run(
+        [
+            "bench",
+            "attention",
+            "--min-n",
+            "64",
+            "--max-n",
+            "512",
+            "--heads",
+            "1",
+            "--head-dim",
+            "8",
+            "--methods",
+            "sdpa",
+            "--causal",
+            "no",
+            "--budget",
+            "1e-9",
+            "--out",
+            str(out),
+            *FAST,
+        ],
+        capsys,
+    )
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rows[0]["status"] == "ok"  # the first case always runs
+    assert all(r["status"].startswith("skipped: predicted") for r in rows[1:])
+    assert len(rows) == 4
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "attention", "--methods", "bogus"], "unknown method"),
+        (["bench", "attention", "--min-n", "0"], "--min-n"),
+        (["bench", "attention", "--min-n", "512", "--max-n", "64"], "--min-n"),
+        (["bench", "attention", "--heads", "0"], "--heads"),
+    ],
+)
+def test_bench_bad_options(argv, message, capsys, tmp_path):
+    rc, _, err = _run([*argv, "--out", str(tmp_path / "x")], capsys)
+    assert rc == 2
+    assert message in err
+
+
+def test_cli_help_and_version(capsys):
+    rc, out, _ = _run([], capsys)
+    assert rc == 2 and "bench" in out
+    rc, out, _ = _run(["--version"], capsys)
+    assert rc == 0 and out.strip()
+
+
+def test_peak_memory_region_sees_an_allocation():
+    with common.PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x.add_(1)
+        peak = mem.peak()
+    assert peak - mem.start_rss >= 60 * 2**20
+    del x
+
+
+def test_format_table_and_bytes():
+    table = common.format_table([{"a": 1.5, "b": None}], [("A", "a", ".2f"), ("B", "b", "")])
+    assert table.splitlines()[2].split() == ["1.50", "-"]
+    assert common.human_bytes(3 * 2**30) == "3.0 GiB"
