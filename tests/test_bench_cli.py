@@ -125,3 +125,46 @@ def test_format_table_and_bytes():
     table = common.format_table([{"a": 1.5, "b": None}], [("A", "a", ".2f"), ("B", "b", "")])
     assert table.splitlines()[2].split() == ["1.50", "-"]
     assert common.human_bytes(3 * 2**30) == "3.0 GiB"
+
+
+def test_bench_train_smoke(tmp_path, capsys):
+    out = tmp_path / "t"
+    rc, stdout, _ = _run(
+        [
+            "bench",
+            "train",
+            "--min-context",
+            "32",
+            "--max-context",
+            "64",
+            "--d-model",
+            "16",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--tokens-per-step",
+            "128",
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["pattern"], r["context"]) for r in rows} == {
+        (p, c) for p in ("dense", "dilated", "sliding") for c in (32, 64)
+    }
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows)
+    assert [r["batch"] for r in rows if r["pattern"] == "dense"] == [4, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert "dilated_over_dense_tokens_per_s_64" in summary
+    assert (out / "train.png").stat().st_size > 1000
+    assert "tokens/s" in stdout
+
+
+def test_bench_train_bad_pattern(tmp_path, capsys):
+    rc, _, err = _run(["bench", "train", "--patterns", "moe", "--out", str(tmp_path)], capsys)
+    assert rc == 2 and "unknown pattern" in err

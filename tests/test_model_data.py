@@ -19,9 +19,7 @@ from longctx.train import RunConfig, resolve_config
 def test_unknown_key_is_named_with_valid_keys():
     with pytest.raises(ValueError, match=r"model\.bogus.*valid keys in model: .*d_model"):
         RunConfig.from_dict({"model": {"bogus": 1}})
-    with pytest.raises(
-        ValueError, match=r"modle.*valid keys in the config: data, model, train"
-    ):
+    with pytest.raises(ValueError, match=r"modle.*valid keys in the config: data, model, train"):
         RunConfig.from_dict({"modle": {}})
     with pytest.raises(ValueError, match=r"train\.lr_max"):
         resolve_config("tiny", None, ["train.lr_max=3"])

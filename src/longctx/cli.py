@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--contexts",
         help="comma-separated context lengths (default: 1x, 2x, 4x the training context)",
     )
-    p.add_argument("--windows", type=int, default=16, help="validation windows per context")
+    p.add_argument("--windows", type=int, default=64, help="validation windows per context")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("info", help="a run's config, parameter count and FLOPs per token")

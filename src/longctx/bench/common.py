@@ -142,19 +142,29 @@ def available_memory(device: torch.device) -> int:
 # ------------------------------------------------------------------------- timing
 
 
-def time_call(fn: Callable[[], object], device: torch.device, min_total: float = 0.3) -> float:
-    """Median seconds of fn(); one run when a run is long, else enough runs for min_total."""
+def time_call(
+    fn: Callable[[], object],
+    device: torch.device,
+    min_total: float = 0.3,
+    min_runs: int = 3,
+    single_above: float = 2.0,
+) -> float:
+    """Median seconds of fn().
+
+    A first run longer than ``single_above`` seconds is reported alone; otherwise fn runs
+    at least ``min_runs`` times and until ``min_total`` seconds have run (at most 50).
+    On a shared machine a single sub-second sample can be off by tens of percent.
+    """
     times: list[float] = []
-    total = 0.0
     while True:
         synchronize(device)
         t = time.perf_counter()
         fn()
         synchronize(device)
-        dt = time.perf_counter() - t
-        times.append(dt)
-        total += dt
-        if total >= min_total or len(times) >= 50:
+        times.append(time.perf_counter() - t)
+        if len(times) == 1 and times[0] > single_above:
+            break
+        if (sum(times) >= min_total and len(times) >= min_runs) or len(times) >= 50:
             break
     times.sort()
     return times[len(times) // 2]

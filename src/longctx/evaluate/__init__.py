@@ -44,7 +44,7 @@ def evaluate_run(
     run_dir: Path,
     *,
     contexts: list[int] | None = None,
-    windows: int = 16,
+    windows: int = 64,
     buckets: int = 12,
     batch: int = 4,
     progress: bool = True,

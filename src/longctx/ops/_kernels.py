@@ -63,8 +63,10 @@ def attn_fwd(
             q, k, v, 0.0, causal, attn_mask=bias, scale=scale
         )
     elif q.device.type == "cuda" and q.dtype in _FUSED_CUDA_DTYPES and bias is None and same_dim:
+        # contiguous inputs: the CUDA kernel's stride requirements are stricter than the
+        # CPU kernel's, and a copy on the GPU costs little next to the attention
         out, lse, _, _ = _aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, causal, scale=scale
+            q.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, causal, scale=scale
         )
         lse = lse[..., :Lq]  # some versions pad lse's last dim to a multiple of 32
     else:

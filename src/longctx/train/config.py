@@ -33,7 +33,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 250  # 0 = only at the end
-    eval_windows: int = 32  # validation windows per periodic evaluation
+    eval_windows: int = 64  # validation windows per periodic evaluation
     save_every: int = 250
     keep_checkpoints: int = 2
     threads: int = 0  # 0 = torch's default
