@@ -9,6 +9,46 @@ import time
 from pathlib import Path
 
 
+def _bench_generate(args) -> int:
+    from .bench import generate
+
+    generate.run(args)
+    return 0
+
+
+def _generate(args) -> int:
+    from .generation import generate_text
+
+    if args.prompt_file is not None:
+        prompt = Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
+    else:
+        prompt = args.prompt
+    result = generate_text(
+        Path(args.run_dir),
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        cache=args.cache,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        stop_at_eod=not args.no_stop_at_eod,
+        checkpoint=args.checkpoint,
+        stats_path=args.stats,
+    )
+    n = len(result.tokens)
+    cache_mib = (result.cache_bytes[-1] / 2**20) if result.cache_bytes else 0.0
+    print(
+        f"[{n} tokens, prefill {result.prefill_seconds:.2f} s, {result.tokens_per_s:.1f} "
+        f"tokens/s, cache {cache_mib:.2f} MiB ({args.cache}), stopped by {result.stopped_by}]",
+        file=sys.stderr,
+    )
+    if result.note:
+        print(f"note: {result.note}", file=sys.stderr)
+    return 0
+
+
 def _bench_train(args) -> int:
     from .bench import train
 
@@ -116,6 +156,7 @@ def _info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import attention
+    from .bench import generate as bench_generate
     from .bench import train as bench_train
 
     parser = argparse.ArgumentParser(
@@ -162,6 +203,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
 
+    p = sub.add_parser("generate", help="generate text from a trained run (streamed)")
+    p.add_argument("run_dir")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
+    p.add_argument(
+        "--cache",
+        choices=["full", "dilated", "none"],
+        default="full",
+        help="KV cache policy (dilated: bounded exact cache of dilated layers)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop after this text")
+    p.add_argument(
+        "--no-stop-at-eod", action="store_true", help="do not stop at the end-of-document token"
+    )
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default latest)")
+    p.add_argument("--stats", type=Path, help="write per-step latency and cache bytes (JSONL)")
+    p.set_defaults(func=_generate)
+
     bench = sub.add_parser("bench", help="benchmarks (time, memory, FLOP/s vs N)")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     p = bench_sub.add_parser(
@@ -180,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_train.add_arguments(p)
     p.set_defaults(func=_bench_train)
+    p = bench_sub.add_parser(
+        "generate",
+        help="decoding latency and cache bytes vs context for the three cache policies",
+        description=bench_generate.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_generate.add_arguments(p)
+    p.set_defaults(func=_bench_generate)
     return parser
 
 

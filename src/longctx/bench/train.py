@@ -19,8 +19,6 @@ import torch
 from tqdm import tqdm
 
 from ..model import DecoderLM, ModelConfig
-from ..train.config import TrainConfig
-from ..train.loop import build_optimizer
 from . import common
 
 PATTERNS = {
@@ -148,7 +146,7 @@ def _measure(cfg: ModelConfig, ctx: int, row: dict, args) -> None:
     g = torch.Generator().manual_seed(args.seed)
     with common.PeakMemory(torch.device("cpu")) as mem:
         model = DecoderLM(cfg)
-        opt = build_optimizer(model, TrainConfig())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x = torch.randint(0, 256, (row["batch"], ctx + 1), generator=g)
 
         def step():

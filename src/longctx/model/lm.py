@@ -27,8 +27,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.hidden)
 
-    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions)
+    def forward(self, x: Tensor, positions: Tensor | None = None, cache=None, start: int = 0):
+        x = x + self.attn(self.attn_norm(x), positions, cache, start)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -56,15 +56,29 @@ class DecoderLM(nn.Module):
             )
             nn.init.normal_(p, mean=0.0, std=std * scale)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
-        """tokens (B, N) int64 -> logits (B, N, vocab) (float32)."""
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        *,
+        caches: list | None = None,
+        start: int = 0,
+        last_only: bool = False,
+    ) -> Tensor:
+        """tokens (B, N) int64 at positions start..start+N-1 -> logits (B, N, vocab)
+        (float32); with ``last_only``, logits of the last position only (B, 1, vocab).
+        ``caches``: one per layer (longctx.model.cache) for incremental decoding."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"need one cache per layer ({len(self.blocks)}), got {len(caches)}")
         x = self.embed(tokens)  # (B, N, C)
-        for block in self.blocks:
-            x = block(x, positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, None if caches is None else caches[i], start)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.norm(x)
         return F.linear(x, self.embed.weight).float()  # tied head, (B, N, V)
 

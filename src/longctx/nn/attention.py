@@ -55,14 +55,19 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, positions: Tensor | None = None, cache=None, start: int = 0
+    ) -> Tensor:
+        """x (B, N, C) at positions start..start+N-1 (or the given ``positions``).
+        ``cache``: an object with ``attend(q, k, v, start)`` (see longctx.model.cache) that
+        stores this chunk's keys/values and attends over everything stored so far."""
         B, N, C = x.shape
         if positions is None:
-            positions = torch.arange(N, device=x.device)
+            positions = torch.arange(start, start + N, device=x.device)
         qkv = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim)  # (B, N, 3, H, Dh)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, N, Dh) each
         q = apply_rotary(q, positions, self.rope_base)
         k = apply_rotary(k, positions, self.rope_base)
-        y = self.kernel(q, k, v)  # (B, H, N, Dh)
+        y = self.kernel(q, k, v) if cache is None else cache.attend(q, k, v, start)  # (B, H, N, Dh)
         y = y.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj(y)

@@ -74,3 +74,33 @@ def sliding_window_flops(
     """Useful FLOPs (4 * D per visible pair) of the forward."""
     plan = plan_sliding(n, window, causal)
     return 4 * head_dim * plan_pairs(plan, num_heads, batch)
+
+
+def sliding_window_attention_at(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    q_start: int,
+    k_start: int,
+    *,
+    scale: float | None = None,
+) -> Tensor:
+    """Causal sliding-window attention of queries at positions q_start, q_start+1, ...
+    over keys at positions k_start, k_start+1, ... (decoding and chunked prefill)."""
+    check_qkv(q, k, v)
+    tau = resolve_scale(scale, q.shape[-1])
+    window = positive_int(window, "window")
+    nq, nk = q.shape[2], k.shape[2]
+    blk = Block(
+        rows(0, nq),
+        rows(0, nk),
+        lq=nq,
+        lk=nk,
+        q_pos0=q_start,
+        k_pos0=k_start,
+        causal=True,
+        window=window,
+    )
+    out, _ = run_plan(q, k, v, [blk] if nq and nk else [], tau)
+    return out

@@ -1,0 +1,158 @@
+"""``longctx bench generate``: per-token decoding latency and cache bytes vs context length
+for the three cache policies (full, dilated, none) of one model.
+
+The model is the ``longnet-small`` preset's architecture (dilated attention, paper pattern
+at 1/16 scale) with random weights: latency and memory do not depend on the weights. For
+each context N, a random prompt of N tokens is prefilled (in aligned chunks), then
+``--tokens`` tokens are decoded greedily; the median step time is reported. A case whose
+predicted time exceeds ``--budget`` seconds is recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import load_preset
+from ..model import DecoderLM, ModelConfig
+from ..model.generate import CACHE_POLICIES, generate
+from . import common
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="longnet-small", help="model architecture preset")
+    p.add_argument("--policies", default="full,dilated,none")
+    p.add_argument("--min-context", type=int, default=8192)
+    p.add_argument("--max-context", type=int, default=262144)
+    p.add_argument("--tokens", type=int, default=16, help="decoded tokens per case")
+    p.add_argument("--budget", type=float, default=120.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench-out/generate"))
+
+
+def run(args) -> list[dict]:
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in policies if p not in CACHE_POLICIES]
+    if bad or not policies:
+        raise ValueError(f"unknown cache policy {bad}; choose from {CACHE_POLICIES}")
+    if args.min_context < 1 or args.max_context < args.min_context or args.tokens < 1:
+        raise ValueError("need 1 <= --min-context <= --max-context and --tokens >= 1")
+    contexts = [
+        1 << e
+        for e in range(math.ceil(math.log2(args.min_context)), int(math.log2(args.max_context)) + 1)
+    ]
+    cfg = ModelConfig.from_dict(load_preset(args.preset).get("model", {}))
+    torch.manual_seed(args.seed)
+    model = DecoderLM(cfg).eval()
+    device = torch.device("cpu")
+    info = common.machine_info(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    results.write_text("")
+    rows = []
+    bar = tqdm(total=len(policies) * len(contexts), desc="bench generate", unit="case")
+    for policy in policies:
+        last, stop = None, None
+        for n in contexts:
+            bar.set_postfix_str(f"{policy} context={n}")
+            row = {
+                "bench": "generate",
+                "policy": policy,
+                "context": n,
+                "tokens": args.tokens,
+                "model": cfg.to_dict(),
+                "machine": info,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                # cost of a case: prefill ~ n, plus per token ~n without a cache
+                "cost": n * (args.tokens + 1 if policy == "none" else 1),
+                "size": n,
+            }
+            if stop is None:
+                stop = common.predict_skip(last, row, args.budget, device, cost="cost", size="size")
+            if stop is not None:
+                row["status"] = "skipped: " + stop
+            else:
+                _measure(model, policy, n, row, args)
+                last = row
+            rows.append(row)
+            common.append_jsonl(results, row)
+            bar.update(1)
+    bar.close()
+    print()
+    print(common.format_table(rows, COLUMNS))
+    summary = summarize(rows)
+    common.write_atomic(args.out / "summary.json", json.dumps(summary, indent=2).encode())
+    for line in summary["lines"]:
+        print(line)
+    if any(r["status"] == "ok" for r in rows):
+        png = common.plot_sweep(
+            rows,
+            args.out / "generate.png",
+            x="context",
+            xlabel="context length",
+            panels=[("latency_ms", "per-token latency (ms)"), ("cache_mib", "cache (MiB)")],
+            series=lambda r: (r["policy"], r["policy"], False),
+            title=f"decoding, {args.preset} architecture ({cfg.attention}), on {info['cpu']}",
+        )
+        print(f"\nwrote {results}, {args.out / 'summary.json'} and {png}")
+    return rows
+
+
+def _measure(model, policy, n, row, args) -> None:
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, 256, (n,), generator=g).tolist()
+    t0 = time.perf_counter()
+    with common.PeakMemory(torch.device("cpu")) as mem:
+        gen = generate(model, prompt, args.tokens, cache=policy, temperature=0)
+        peak = mem.peak()
+    latency = statistics.median(gen.step_seconds)
+    row.update(
+        status="ok",
+        time_s=time.perf_counter() - t0,
+        prefill_s=gen.prefill_seconds,
+        latency_ms=1000 * latency,
+        tokens_per_s=1 / latency,
+        cache_bytes=gen.cache_bytes[-1],
+        cache_mib=max(gen.cache_bytes[-1], 1) / 2**20,
+        peak_mem_bytes=peak,
+        peak_mem_over_start=peak - mem.start_rss,
+    )
+
+
+COLUMNS = [
+    ("policy", "policy", ""),
+    ("context", "context", ","),
+    ("prefill s", "prefill_s", ".2f"),
+    ("ms/token", "latency_ms", ".2f"),
+    ("tokens/s", "tokens_per_s", ".1f"),
+    ("cache MiB", "cache_mib", ".2f"),
+    ("status", "status", ""),
+]
+
+
+def summarize(rows: list[dict]) -> dict:
+    ok = {(r["policy"], r["context"]): r for r in rows if r["status"] == "ok"}
+    lines, out = [""], {}
+    for n in sorted({r["context"] for r in rows}):
+        full, dil = ok.get(("full", n)), ok.get(("dilated", n))
+        if full and dil:
+            ratio = dil["cache_bytes"] / full["cache_bytes"]
+            out[f"dilated_over_full_cache_bytes_{n}"] = ratio
+            lines.append(f"context {n:,}: dilated cache = {100 * ratio:.2f}% of the full cache")
+    dil = sorted((r for r in ok.values() if r["policy"] == "dilated"), key=lambda r: r["context"])
+    if len(dil) >= 2:
+        lat = [r["latency_ms"] for r in dil]
+        out["dilated_latency_max_over_min"] = max(lat) / min(lat)
+        lines.append(
+            f"dilated per-token latency from {dil[0]['context']:,} to {dil[-1]['context']:,}: "
+            f"{min(lat):.2f}-{max(lat):.2f} ms (max/min {max(lat) / min(lat):.2f}x)"
+        )
+    out["lines"] = lines
+    return out

@@ -1,0 +1,77 @@
+"""``longctx generate RUN_DIR``: text in, streamed text out, with a cache policy."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import sys
+from pathlib import Path
+
+from .data import EOD, encode
+from .model.checkpoint import latest_checkpoint, load_model
+from .model.generate import Generation, generate
+
+
+def generate_text(
+    run_dir: Path,
+    prompt: str,
+    *,
+    max_new_tokens: int = 256,
+    cache: str = "full",
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop: list[str] = (),
+    stop_at_eod: bool = True,
+    checkpoint: Path | None = None,
+    stream=None,
+    stats_path: Path | None = None,
+) -> Generation:
+    """Generate from a trained run, writing the text to ``stream`` as it is produced."""
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(Path(run_dir) / "checkpoints")
+    model, _ = load_model(ckpt)
+    ids = encode(prompt).tolist()
+    if not ids:
+        raise ValueError("the prompt is empty; give some text with --prompt or --prompt-file")
+    stops = [encode(s).tolist() for s in stop if s]
+    if stop_at_eod:
+        stops.append([EOD])
+    out = stream or sys.stdout
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def on_token(tok: int) -> None:
+        if tok < 256:
+            out.write(decoder.decode(bytes([tok])))
+            out.flush()
+
+    result = generate(
+        model,
+        ids,
+        max_new_tokens,
+        cache=cache,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=stops,
+        on_token=on_token,
+    )
+    out.write(decoder.decode(b"", final=True) + "\n")
+    out.flush()
+    if stats_path is not None:
+        with Path(stats_path).open("w") as f:
+            for i, (sec, nbytes) in enumerate(zip(result.step_seconds, result.cache_bytes)):
+                f.write(
+                    json.dumps(
+                        {
+                            "step": i + 1,
+                            "position": len(ids) + i,
+                            "seconds": sec,
+                            "tokens_per_s": 1 / sec if sec > 0 else None,
+                            "cache_bytes": nbytes,
+                        }
+                    )
+                    + "\n"
+                )
+    return result

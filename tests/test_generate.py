@@ -1,0 +1,120 @@
+"""Generation: the three cache policies against the full forward pass."""
+
+import pytest
+import torch
+
+from longctx.model import DecoderLM, ModelConfig
+from longctx.model.cache import DilatedKVCache, FullKVCache
+from longctx.model.generate import generate
+
+DILATED = dict(attention="dilated", segment_lengths=[4, 8, 16], dilation_rates=[1, 2, 4])
+
+
+def _model(dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**dict(d_model=32, n_layers=2, n_heads=4, window=5), **kw})
+    return DecoderLM(cfg).to(dtype)
+
+
+def _check_logits_match_full_forward(model, prompt, gen, atol):
+    seq = torch.cat([torch.tensor(prompt), torch.tensor(gen.tokens)])
+    full = model(seq.unsqueeze(0))[0]  # (N, V)
+    n = len(prompt)
+    assert len(gen.logits) == len(gen.tokens)
+    for i, step_logits in enumerate(gen.logits):
+        torch.testing.assert_close(step_logits[0], full[n - 1 + i], atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(attention="dense"),
+        DILATED,
+        dict(DILATED, dilated_offsets="torchscale"),
+        dict(attention="sliding_window"),
+    ],
+    ids=["dense", "dilated", "dilated-torchscale", "sliding"],
+)
+@pytest.mark.parametrize("policy", ["full", "dilated", "none"])
+@pytest.mark.parametrize("prompt_len", [1, 5, 16, 37])
+def test_logits_equal_full_forward_float64(kw, policy, prompt_len):
+    # 40 new tokens cross many segment boundaries of every branch (w = 4, 8, 16);
+    # prompt 37 is prefilled in chunks of 16 (the lcm) + 5
+    model = _model(**kw)
+    prompt = torch.randint(0, 256, (prompt_len,), generator=torch.Generator().manual_seed(1))
+    gen = generate(
+        model, prompt.tolist(), 40, cache=policy, temperature=0, prefill=16, return_logits=True
+    )
+    _check_logits_match_full_forward(model, prompt.tolist(), gen, 1e-10)
+
+
+def test_float32_and_all_policies_agree_greedily():
+    model = _model(torch.float32, **DILATED)
+    prompt = list(range(60, 90))
+    gens = {
+        p: generate(model, prompt, 48, cache=p, temperature=0, return_logits=True)
+        for p in ("full", "dilated", "none")
+    }
+    assert gens["full"].tokens == gens["dilated"].tokens == gens["none"].tokens
+    _check_logits_match_full_forward(model, prompt, gens["dilated"], 1e-4)
+
+
+def test_dilated_cache_bytes_constant_in_context_length():
+    model = _model(torch.float32, **DILATED)
+    short = generate(model, list(range(20)), 3, cache="dilated", temperature=0)
+    long = generate(model, list(range(200)) * 3, 3, cache="dilated", temperature=0)
+    assert short.cache_bytes[0] == long.cache_bytes[0] == long.cache_bytes[-1]
+    full_short = generate(model, list(range(20)), 3, cache="full", temperature=0)
+    full_long = generate(model, list(range(200)) * 3, 3, cache="full", temperature=0)
+    assert full_long.cache_bytes[0] > full_short.cache_bytes[0]
+    # per branch and head ceil(w / r) rows: 4 + 4 + 4 rows x 4 heads x 8 dims, k and v, fp32
+    cache = DilatedKVCache(model.cfg, 1, torch.float32, "cpu")
+    assert cache.nbytes == 2 * 4 * (4 + 4 + 4) * 8 * 4
+    assert long.cache_bytes[0] == 2 * cache.nbytes  # two layers
+    assert generate(model, [1], 2, cache="none", temperature=0).cache_bytes == [0, 0]
+
+
+def test_sampling_is_seeded_and_filters_work():
+    model = _model(torch.float32)
+    a = generate(model, [1, 2, 3], 20, temperature=1.0, top_k=5, seed=7)
+    b = generate(model, [1, 2, 3], 20, temperature=1.0, top_k=5, seed=7)
+    c = generate(model, [1, 2, 3], 20, temperature=1.0, top_k=5, seed=8)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+    gen = generate(model, [1, 2, 3], 10, temperature=1.0, top_k=1, return_logits=True)
+    assert gen.tokens == [int(x[0].argmax()) for x in gen.logits]  # top_k=1 is greedy
+    gen = generate(model, [1, 2, 3], 10, temperature=1.0, top_p=1e-6, return_logits=True)
+    assert gen.tokens == [int(x[0].argmax()) for x in gen.logits]  # tiny top_p is greedy
+
+
+def test_stop_sequences_and_streaming():
+    model = _model(torch.float32)
+    first = generate(model, [5, 6], 30, temperature=0)
+    stop = first.tokens[3:5]
+    seen = []
+    gen = generate(model, [5, 6], 30, temperature=0, stop=[stop], on_token=seen.append)
+    assert gen.stopped_by == "stop" and gen.tokens[-2:] == stop
+    assert seen == gen.tokens and len(gen.tokens) <= 5
+
+
+def test_bad_arguments():
+    model = _model(torch.float32)
+    with pytest.raises(ValueError, match="unknown cache policy"):
+        generate(model, [1], 3, cache="paged")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [1], -1)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [], 3)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, [1], 3, temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [1], 3, top_p=0)
+    gen = generate(model, [1, 2], 3, cache="dilated", temperature=0)
+    assert "no layer is dilated" in gen.note  # allowed, and explained
+    assert generate(model, [1, 2], 0).tokens == []
+    cache = FullKVCache(model.cfg, 1, 4, torch.float32, "cpu")
+    q = torch.zeros(1, 4, 5, 8)
+    with pytest.raises(ValueError, match="made for 4 positions"):
+        cache.attend(q, q, q, 0)
+    dil = DilatedKVCache(_model(torch.float32, **DILATED).cfg, 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="got a chunk at 3"):
+        dil.attend(q, q, q, 3)
