@@ -118,3 +118,84 @@ def test_bad_arguments():
     dil = DilatedKVCache(_model(torch.float32, **DILATED).cfg, 1, torch.float32, "cpu")
     with pytest.raises(ValueError, match="got a chunk at 3"):
         dil.attend(q, q, q, 3)
+
+
+def test_cli_generate_streams_text(tmp_path, capsys):
+    from longctx import cli
+    from longctx.model.checkpoint import save_checkpoint
+
+    model = _model(torch.float32, **DILATED)
+    run = tmp_path / "run"
+    save_checkpoint(
+        run / "checkpoints",
+        1,
+        {"model": model.state_dict()},
+        {"config": {"model": model.cfg.to_dict()}, "tokens": 0},
+    )
+    stats = tmp_path / "stats.jsonl"
+    outs = {}
+    for policy in ("full", "dilated", "none"):
+        rc = cli.main(
+            [
+                "generate",
+                str(run),
+                "--prompt",
+                "def f(x):",
+                "--cache",
+                policy,
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+                "--stats",
+                str(stats),
+                "--no-stop-at-eod",
+            ]
+        )
+        assert rc == 0
+        captured = capsys.readouterr()
+        outs[policy] = captured.out
+        assert "12 tokens" in captured.err and f"({policy})" in captured.err
+    assert outs["full"] == outs["dilated"] == outs["none"]
+    lines = stats.read_text().splitlines()
+    assert len(lines) == 12 and '"cache_bytes": 0' in lines[0]  # the last run: none
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("")
+    assert cli.main(["generate", str(run), "--prompt-file", str(prompt_file)]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+
+
+def test_bench_generate_smoke(tmp_path, capsys):
+    import json
+
+    from longctx import cli
+
+    out = tmp_path / "g"
+    rc = cli.main(
+        [
+            "bench",
+            "generate",
+            "--preset",
+            "tiny-dilated",
+            "--min-context",
+            "512",
+            "--max-context",
+            "1024",
+            "--tokens",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["policy"], r["context"]) for r in rows} == {
+        (p, n) for p in ("full", "dilated", "none") for n in (512, 1024)
+    }
+    assert all(r["status"] == "ok" for r in rows)
+    dil = [r["cache_bytes"] for r in rows if r["policy"] == "dilated"]
+    full = [r["cache_bytes"] for r in rows if r["policy"] == "full"]
+    assert dil[0] == dil[1] and full[1] > full[0] > dil[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert "dilated_over_full_cache_bytes_1024" in summary
+    assert (out / "generate.png").stat().st_size > 1000

@@ -9,13 +9,6 @@ import time
 from pathlib import Path
 
 
-def _bench_generate(args) -> int:
-    from .bench import generate
-
-    generate.run(args)
-    return 0
-
-
 def _generate(args) -> int:
     from .generation import generate_text
 
@@ -49,17 +42,8 @@ def _generate(args) -> int:
     return 0
 
 
-def _bench_train(args) -> int:
-    from .bench import train
-
-    train.run(args)
-    return 0
-
-
-def _bench_attention(args) -> int:
-    from .bench import attention
-
-    attention.run(args)
+def _run_bench(args) -> int:
+    args.bench_run(args)
     return 0
 
 
@@ -229,30 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (time, memory, FLOP/s vs N)")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    p = bench_sub.add_parser(
-        "attention",
-        help="attention ops vs N: time, useful GFLOP/s, peak memory",
-        description=attention.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    attention.add_arguments(p)
-    p.set_defaults(func=_bench_attention)
-    p = bench_sub.add_parser(
-        "train",
-        help="training tokens/s and peak memory vs context: dense vs dilated vs sliding",
-        description=bench_train.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench_train.add_arguments(p)
-    p.set_defaults(func=_bench_train)
-    p = bench_sub.add_parser(
-        "generate",
-        help="decoding latency and cache bytes vs context for the three cache policies",
-        description=bench_generate.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench_generate.add_arguments(p)
-    p.set_defaults(func=_bench_generate)
+    benches = [
+        (
+            "attention",
+            attention,
+            "attention ops vs N: time, useful GFLOP/s, peak memory",
+        ),
+        (
+            "train",
+            bench_train,
+            "training tokens/s and peak memory vs context: dense vs dilated vs sliding",
+        ),
+        (
+            "generate",
+            bench_generate,
+            "decoding latency and cache bytes vs context for the three cache policies",
+        ),
+    ]
+    for name, module, help_text in benches:
+        p = bench_sub.add_parser(
+            name,
+            help=help_text,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(func=_run_bench, bench_run=module.run)
     return parser
 
 

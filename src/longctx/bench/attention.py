@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .. import ops
 from . import common
@@ -161,7 +160,6 @@ def run(args) -> list[dict]:
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.jsonl"
-    results_path.write_text("")
 
     print(f"measuring the {args.dtype} matmul peak on {device} ...", flush=True)
     peak = common.matmul_peak_gflops(device, dtype, args.peak_size)
@@ -172,29 +170,18 @@ def run(args) -> list[dict]:
         f"torch {info['torch']})"
     )
 
-    series = [(name, c) for name in names for c in causal_modes]
-    rows: list[dict] = []
-    bar = tqdm(total=len(series) * len(ns), desc="bench attention", unit="case")
-    for name, causal in series:
-        method = methods[name]
-        last: dict | None = None
-        stop_reason = None
-        for n in ns:
-            row = _case_row(method, causal, n, args, info, peak)
-            bar.set_postfix_str(f"{name} causal={causal} N={n}")
-            if stop_reason is None:
-                stop_reason = common.predict_skip(
-                    last, row, args.budget, device, cost="useful_flops", size="qkvo_bytes"
-                )
-            if stop_reason is not None:
-                row["status"] = "skipped: " + stop_reason
-            else:
-                _measure(method, causal, n, row, args, device, dtype, peak)
-                last = row
-            rows.append(row)
-            common.append_jsonl(results_path, row)
-            bar.update(1)
-    bar.close()
+    rows = common.sweep(
+        [(name, c) for name in names for c in causal_modes],
+        ns,
+        lambda s, n: _case_row(methods[s[0]], s[1], n, args, info, peak),
+        lambda s, n, row: _measure(methods[s[0]], s[1], n, row, args, device, dtype, peak),
+        budget=args.budget,
+        device=device,
+        cost="useful_flops",
+        size="qkvo_bytes",
+        results=results_path,
+        desc="bench attention",
+    )
 
     measured = [r for r in rows if r["status"] == "ok"]
     print()

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 def machine_info(device: torch.device) -> dict:
@@ -239,6 +240,45 @@ def predict_skip(
     return None
 
 
+def sweep(
+    series: Sequence,
+    xs: Sequence[int],
+    make_row: Callable[[object, int], dict],
+    measure: Callable[[object, int, dict], None],
+    *,
+    budget: float,
+    device: torch.device,
+    cost: str,
+    size: str,
+    results: Path,
+    desc: str,
+) -> list[dict]:
+    """Run every series over xs (increasing): build a row, skip it (and the rest of the
+    series) when ``predict_skip`` says so, else ``measure`` fills it; each row is appended
+    to ``results`` (JSONL) as soon as it is done. A progress bar shows the current case."""
+    results.write_text("")
+    rows: list[dict] = []
+    bar = tqdm(total=len(series) * len(xs), desc=desc, unit="case")
+    for s in series:
+        last: dict | None = None
+        stop: str | None = None
+        for x in xs:
+            bar.set_postfix_str(f"{s} {x:,}")
+            row = make_row(s, x)
+            if stop is None:
+                stop = predict_skip(last, row, budget, device, cost=cost, size=size)
+            if stop is not None:
+                row["status"] = "skipped: " + stop
+            else:
+                measure(s, x, row)
+                last = row
+            rows.append(row)
+            append_jsonl(results, row)
+            bar.update(1)
+    bar.close()
+    return rows
+
+
 def plot_sweep(
     rows: Sequence[dict],
     path: Path,
@@ -264,7 +304,9 @@ def plot_sweep(
     colors = {key: f"C{i}" for i, key in enumerate(sorted({g[1] for g in groups}))}
     for ax, (key, ylabel) in zip(axes[0], panels, strict=True):
         for (label, color, dashed), pts in sorted(groups.items()):
-            pts = sorted(pts, key=lambda r: r[x])
+            pts = sorted((r for r in pts if r.get(key) is not None), key=lambda r: r[x])
+            if not pts:
+                continue
             ax.plot(
                 [r[x] for r in pts],
                 [r[key] for r in pts],

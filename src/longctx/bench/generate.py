@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..config import load_preset
 from ..model import DecoderLM, ModelConfig
@@ -55,36 +54,33 @@ def run(args) -> list[dict]:
     info = common.machine_info(device)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
-    results.write_text("")
-    rows = []
-    bar = tqdm(total=len(policies) * len(contexts), desc="bench generate", unit="case")
-    for policy in policies:
-        last, stop = None, None
-        for n in contexts:
-            bar.set_postfix_str(f"{policy} context={n}")
-            row = {
-                "bench": "generate",
-                "policy": policy,
-                "context": n,
-                "tokens": args.tokens,
-                "model": cfg.to_dict(),
-                "machine": info,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                # cost of a case: prefill ~ n, plus per token ~n without a cache
-                "cost": n * (args.tokens + 1 if policy == "none" else 1),
-                "size": n,
-            }
-            if stop is None:
-                stop = common.predict_skip(last, row, args.budget, device, cost="cost", size="size")
-            if stop is not None:
-                row["status"] = "skipped: " + stop
-            else:
-                _measure(model, policy, n, row, args)
-                last = row
-            rows.append(row)
-            common.append_jsonl(results, row)
-            bar.update(1)
-    bar.close()
+
+    def make_row(policy: str, n: int) -> dict:
+        return {
+            "bench": "generate",
+            "policy": policy,
+            "context": n,
+            "tokens": args.tokens,
+            "model": cfg.to_dict(),
+            "machine": info,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # cost of a case: prefill ~ n, and without a cache ~ n per decoded token
+            "cost": n * (args.tokens + 1 if policy == "none" else 1),
+            "size": n,
+        }
+
+    rows = common.sweep(
+        policies,
+        contexts,
+        make_row,
+        lambda policy, n, row: _measure(model, policy, n, row, args),
+        budget=args.budget,
+        device=device,
+        cost="cost",
+        size="size",
+        results=results,
+        desc="bench generate",
+    )
     print()
     print(common.format_table(rows, COLUMNS))
     summary = summarize(rows)
@@ -120,7 +116,7 @@ def _measure(model, policy, n, row, args) -> None:
         latency_ms=1000 * latency,
         tokens_per_s=1 / latency,
         cache_bytes=gen.cache_bytes[-1],
-        cache_mib=max(gen.cache_bytes[-1], 1) / 2**20,
+        cache_mib=gen.cache_bytes[-1] / 2**20 if policy != "none" else None,  # none: no cache
         peak_mem_bytes=peak,
         peak_mem_over_start=peak - mem.start_rss,
     )

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..model import DecoderLM, ModelConfig
 from . import common
@@ -77,36 +76,24 @@ def run(args) -> list[dict]:
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.jsonl"
-    results.write_text("")
-    rows: list[dict] = []
-    bar = tqdm(total=len(names) * len(contexts), desc="bench train", unit="case")
-    for name in names:
-        cfg = ModelConfig(
+    cfgs = {
+        name: ModelConfig(
             d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, **PATTERNS[name]
         )
-        last = None
-        stop = None
-        for ctx in contexts:
-            bar.set_postfix_str(f"{name} context={ctx}")
-            row = _row(name, cfg, ctx, args, info)
-            if stop is None:
-                stop = common.predict_skip(
-                    last,
-                    row,
-                    args.budget,
-                    device,
-                    cost="train_flops_per_step",
-                    size="activation_proxy",
-                )
-            if stop is not None:
-                row["status"] = "skipped: " + stop
-            else:
-                _measure(cfg, ctx, row, args)
-                last = row
-            rows.append(row)
-            common.append_jsonl(results, row)
-            bar.update(1)
-    bar.close()
+        for name in names
+    }
+    rows = common.sweep(
+        names,
+        contexts,
+        lambda name, ctx: _row(name, cfgs[name], ctx, args, info),
+        lambda name, ctx, row: _measure(cfgs[name], ctx, row, args),
+        budget=args.budget,
+        device=device,
+        cost="train_flops_per_step",
+        size="activation_proxy",
+        results=results,
+        desc="bench train",
+    )
     print()
     print(common.format_table(rows, COLUMNS))
     summary = summarize(rows)

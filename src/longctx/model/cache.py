@@ -87,7 +87,8 @@ class FullKVCache:
         o = (t - seg0) % r
         idx = torch.arange(seg0 + o, t + 1, r, device=self.k.device)
         h = torch.tensor(heads, device=self.k.device)
-        return self.k[:, h][:, :, idx], self.v[:, h][:, :, idx]
+        # select the few positions first: indexing heads first would copy the whole cache
+        return self.k[:, :, idx].index_select(1, h), self.v[:, :, idx].index_select(1, h)
 
 
 class DilatedKVCache:
@@ -125,6 +126,19 @@ class DilatedKVCache:
                     self.v[b][:, h, c] = v[:, h]
                     self.count[b][h] = c + 1
 
+    def _fill_from_chunk(self, k: Tensor, v: Tensor, start: int, end: int) -> None:
+        """After an aligned chunk start..end-1: per branch, keep the rows of the segment
+        that is still open at position ``end`` (earlier segments are closed for good)."""
+        for b, (w, r) in enumerate(zip(self.cfg.segment_lengths, self.cfg.dilation_rates)):
+            seg0 = (end // w) * w  # >= start: chunks start on every segment boundary
+            self.segment[b] = end // w
+            for h, o in enumerate(self.offsets[b]):
+                rows = range(seg0 + o - start, end - start, r)  # chunk-relative rows
+                self.count[b][h] = len(rows)
+                if len(rows):
+                    self.k[b][:, h, : len(rows)] = k[:, h, rows.start : rows.stop : r]
+                    self.v[b][:, h, : len(rows)] = v[:, h, rows.start : rows.stop : r]
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
         n = q.shape[2]
         if start != self.length:
@@ -141,9 +155,7 @@ class DilatedKVCache:
                 causal=True,
                 offsets=cfg.dilated_offsets,
             )
-            first = max(start, start + n - max(cfg.segment_lengths))
-            for t in range(first, start + n):
-                self._push(k[:, :, t - start], v[:, :, t - start], t)
+            self._fill_from_chunk(k, v, start, start + n)
             self.length = start + n
             return out
         self._push(k[:, :, 0], v[:, :, 0], start)
