@@ -4,21 +4,17 @@ context lengths beyond training (extrapolation). Writes eval/eval.json and PNG p
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ..data import DataConfig, load_corpus
 from ..data.corpus import eval_windows
-from ..model import DecoderLM
 from ..model.checkpoint import latest_checkpoint, load_model
-
-LN2 = math.log(2.0)
+from ..model.lm import bits_per_position
 
 
 def position_buckets(context: int, n_buckets: int) -> list[tuple[int, int]]:
@@ -26,18 +22,6 @@ def position_buckets(context: int, n_buckets: int) -> list[tuple[int, int]]:
     edges = np.unique(np.geomspace(1, context, num=n_buckets).round().astype(int))
     edges = [0, *[int(e) for e in edges if 0 < e < context], context]
     return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
-
-
-def bpb_by_position(
-    model: DecoderLM, windows: list[torch.Tensor], batch: int, desc: str, progress: bool
-) -> np.ndarray:
-    """Mean bits per byte at each position (N,) over the windows."""
-    total = None
-    for i in tqdm(range(0, len(windows), batch), desc=desc, disable=not progress, leave=False):
-        nll = model.nll_per_position(torch.stack(windows[i : i + batch]))  # (b, N)
-        s = nll.sum(dim=0)
-        total = s if total is None else total + s
-    return (total / len(windows) / LN2).numpy()
 
 
 def evaluate_run(
@@ -76,7 +60,12 @@ def evaluate_run(
         except ValueError as exc:
             results["by_context"].append({"context": ctx, "skipped": str(exc)})
             continue
-        per_pos = bpb_by_position(model, wins, batch, f"eval ctx={ctx}", progress)
+        per_pos = bits_per_position(
+            model,
+            wins,
+            batch,
+            lambda it, ctx=ctx: tqdm(it, desc=f"eval ctx={ctx}", disable=not progress, leave=False),
+        )
         entry = {
             "context": ctx,
             "windows": len(wins),

@@ -11,6 +11,23 @@ from ..nn import MultiHeadAttention, RMSNorm, SwiGLU
 from ..nn.attention import make_kernel
 from .config import ModelConfig
 
+LN2 = math.log(2.0)
+
+
+@torch.no_grad()
+def bits_per_position(model: DecoderLM, windows: list[Tensor], batch: int, wrap=iter):
+    """Mean bits per token (= per byte) at each position over equal-length windows of
+    token ids (each (N + 1,)): a float64 numpy array (N,). ``wrap`` may wrap the batch
+    iterator (e.g. in a progress bar). The model's train/eval mode is left as it was."""
+    was_training = model.training
+    model.eval()
+    total = None
+    for i in wrap(range(0, len(windows), batch)):
+        nll = model.nll_per_position(torch.stack(windows[i : i + batch])).sum(dim=0)  # (N,)
+        total = nll if total is None else total + nll
+    model.train(was_training)
+    return (total / len(windows) / LN2).numpy()
+
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):

@@ -26,9 +26,9 @@ from ..model.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from ..model.lm import LN2, bits_per_position
 from .config import RunConfig
 
-LN2 = math.log(2.0)
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
@@ -117,15 +117,7 @@ class _StopFlag:
 
 def evaluate_bpb(model: DecoderLM, windows: list[torch.Tensor], batch: int) -> float:
     """Mean bits per token (= per byte: tokens are bytes) over validation windows."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch):
-        x = torch.stack(windows[i : i + batch])  # (b, N + 1)
-        nll = model.nll_per_position(x)
-        total += float(nll.sum())
-        count += nll.numel()
-    model.train()
-    return total / count / LN2
+    return float(bits_per_position(model, windows, batch).mean())
 
 
 def _append(path: Path, row: dict) -> None:
