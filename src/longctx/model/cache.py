@@ -179,18 +179,20 @@ def _check_aligned(cfg: ModelConfig, start: int) -> None:
 
 def _dilated_decode(cfg: ModelConfig, q: Tensor, t: int, branch_keys) -> Tensor:
     """Output (B, H, 1, D) of the query at position t: per branch, the heads whose offset
-    matches t's residue attend their visible keys; parts merge by lse per head."""
+    matches t's residue attend their visible keys; a branch's part has lse = -inf for the
+    other heads, and the parts merge by lse in one call."""
     B, H, _, D = q.shape
-    parts_per_head: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(H)]
+    parts = []
     for b, (w, r) in enumerate(zip(cfg.segment_lengths, cfg.dilation_rates)):
         residue = (t % w) % r
         heads = [h for h, o in enumerate(head_offsets(H, r, cfg.dilated_offsets)) if o == residue]
         if not heads:
             continue
         kb, vb = branch_keys(b, heads, t)  # (B, Hg, L, D)
-        hq = q[:, heads]  # (B, Hg, 1, D)
-        o, lse = ops.attention(hq, kb, vb, return_lse=True)
-        for i, h in enumerate(heads):
-            parts_per_head[h].append((o[:, i], lse[:, i]))
-    outs = [merge(parts)[0] for parts in parts_per_head]  # each (B, 1, D)
-    return torch.stack(outs, dim=1)  # (B, H, 1, D)
+        o, lse = ops.attention(q[:, heads], kb, vb, return_lse=True)  # (B, Hg, 1, D), (B, Hg, 1)
+        if len(heads) < H:
+            idx = torch.tensor(heads, device=q.device)
+            o = q.new_zeros(B, H, 1, D).index_copy_(1, idx, o)
+            lse = lse.new_full((B, H, 1), float("-inf")).index_copy_(1, idx, lse)
+        parts.append((o, lse))
+    return merge(parts)[0]  # (B, H, 1, D); every head has the rate-1 branch
