@@ -48,6 +48,26 @@ def grads_of(fn, q, k, v, g_out, g_lse):
     return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
+def check_against_reference(
+    fn, ref_fn, q, k, v, dtype, *, lse_grads=(False, True), seed=1, scale=1.0
+):
+    """Compare (out, lse, dq, dk, dv) of ``fn`` (inputs in ``dtype``) with ``ref_fn`` on the
+    same inputs in float64, under the loss <out, g_out> (+ <lse, g_lse> when the entry of
+    ``lse_grads`` is True: that sends the backward through the lse path). Results must be
+    on the inputs' device; tolerances per dtype (``assert_close_dtype``) times ``scale``."""
+    g = torch.Generator().manual_seed(seed)
+    g_out = torch.randn(*q.shape[:3], v.shape[-1], generator=g, dtype=torch.float64)
+    g_lse = torch.randn(*q.shape[:3], generator=g, dtype=torch.float64)
+    g_out, g_lse = g_out.to(q.device), g_lse.to(q.device)
+    q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))
+    for with_lse in lse_grads:
+        got = grads_of(fn, q, k, v, g_out, g_lse if with_lse else None)
+        want = grads_of(ref_fn, q64, k64, v64, g_out, g_lse if with_lse else None)
+        for a, b in zip(got, want, strict=True):
+            assert a.device == q.device
+            assert_close_dtype(a.cpu(), b.cpu(), dtype, scale)
+
+
 def cuda_available():
     return torch.cuda.is_available()
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import assert_close_dtype, grads_of, make_qkv
+from conftest import check_against_reference, make_qkv
 from longctx import ops
 from longctx.ops import _kernels
 from longctx.ops import reference as ref
@@ -14,14 +14,9 @@ SHAPES = [(1, 1), (7, 7), (33, 33), (5, 19), (19, 5), (64, 64)]
 
 
 def _check(fn, ref_fn, q, k, v, dtype, with_lse_grad=True, scale=1.0):
-    g = torch.Generator().manual_seed(1)
-    g_out = torch.randn(*q.shape[:3], v.shape[-1], generator=g, dtype=torch.float64)
-    g_lse = torch.randn(*q.shape[:3], generator=g, dtype=torch.float64) if with_lse_grad else None
-    got = grads_of(fn, q, k, v, g_out, g_lse)
-    q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))
-    want = grads_of(ref_fn, q64, k64, v64, g_out, g_lse)
-    for a, b in zip(got, want, strict=True):
-        assert_close_dtype(a, b, dtype, scale)
+    check_against_reference(
+        fn, ref_fn, q, k, v, dtype, lse_grads=(with_lse_grad,), seed=1, scale=scale
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import assert_close_dtype, grads_of, make_qkv
+from conftest import check_against_reference, make_qkv
 from longctx import ops
 from longctx.ops import reference as ref
 from longctx.ops.dilated import head_offsets
@@ -29,28 +29,17 @@ DILATED_CASES = [
 @pytest.mark.parametrize("offsets", ["paper", "torchscale"])
 def test_dilated_matches_reference(dtype, h, n, ws, rs, causal, offsets):
     q, k, v = make_qkv(2, h, n, n, 8, dtype)
-    g = torch.Generator().manual_seed(5)
-    g_out = torch.randn(2, h, n, 8, generator=g, dtype=torch.float64)
-    g_lse = torch.randn(2, h, n, generator=g, dtype=torch.float64)
-    for lse_grad in (None, g_lse):
-        got = grads_of(
-            lambda q, k, v: ops.dilated_attention(
-                q, k, v, ws, rs, causal=causal, offsets=offsets, return_lse=True
-            ),
-            q,
-            k,
-            v,
-            g_out,
-            lse_grad,
-        )
-        want = grads_of(
-            lambda q, k, v: ref.dilated_attention(q, k, v, ws, rs, causal=causal, offsets=offsets),
-            *(t.to(torch.float64) for t in (q, k, v)),
-            g_out,
-            lse_grad,
-        )
-        for a, b in zip(got, want, strict=True):
-            assert_close_dtype(a, b, dtype)
+    check_against_reference(
+        lambda q, k, v: ops.dilated_attention(
+            q, k, v, ws, rs, causal=causal, offsets=offsets, return_lse=True
+        ),
+        lambda q, k, v: ref.dilated_attention(q, k, v, ws, rs, causal=causal, offsets=offsets),
+        q,
+        k,
+        v,
+        dtype,
+        seed=5,
+    )
 
 
 def test_dilated_mixing_gradient_is_exact_gradcheck():
@@ -146,27 +135,18 @@ def test_dilated_non_contiguous_and_empty():
 @pytest.mark.parametrize("block", [None, 4])
 def test_sliding_matches_reference(dtype, n, window, causal, block):
     q, k, v = make_qkv(2, 3, n, n, 8, dtype)
-    g = torch.Generator().manual_seed(2)
-    g_out = torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64)
-    g_lse = torch.randn(2, 3, n, generator=g, dtype=torch.float64)
-    got = grads_of(
+    check_against_reference(
         lambda q, k, v: ops.sliding_window_attention(
             q, k, v, window, causal=causal, return_lse=True, block_size=block
         ),
+        lambda q, k, v: ref.sliding_window_attention(q, k, v, window, causal=causal),
         q,
         k,
         v,
-        g_out,
-        g_lse,
+        dtype,
+        lse_grads=(True,),
+        seed=2,
     )
-    want = grads_of(
-        lambda q, k, v: ref.sliding_window_attention(q, k, v, window, causal=causal),
-        *(t.to(torch.float64) for t in (q, k, v)),
-        g_out,
-        g_lse,
-    )
-    for a, b in zip(got, want, strict=True):
-        assert_close_dtype(a, b, dtype)
 
 
 def test_sliding_bad_window():

@@ -9,7 +9,7 @@ minute on 2 cores, a few GB of memory for the O(N^2) oracle); CI runs them.
 import pytest
 import torch
 
-from conftest import grads_of, make_qkv
+from conftest import check_against_reference, make_qkv
 from longctx import ops
 from longctx.ops import reference as ref
 
@@ -19,14 +19,8 @@ N = 2 * 2048 + 777  # not a multiple of any segment; the last segment is short
 
 
 def _compare(fn, ref_fn, q, k, v):
-    g = torch.Generator().manual_seed(11)
-    g_out = torch.randn(*q.shape[:3], v.shape[-1], generator=g, dtype=torch.float64)
-    g_lse = torch.randn(*q.shape[:3], generator=g, dtype=torch.float64)
-    for lse_grad in (None, g_lse):  # fused backward, then the blockwise one
-        got = grads_of(fn, q, k, v, g_out, lse_grad)
-        want = grads_of(ref_fn, q, k, v, g_out, lse_grad)
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    # both backward paths (without, then with an lse gradient); float64 to 1e-9
+    check_against_reference(fn, ref_fn, q, k, v, torch.float64, seed=11, scale=10)
 
 
 @pytest.mark.parametrize("causal", [False, True])
