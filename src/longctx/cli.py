@@ -140,6 +140,7 @@ def _info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import attention
+    from .bench import colt5 as bench_colt5
     from .bench import generate as bench_generate
     from .bench import train as bench_train
 
@@ -228,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
             "generate",
             bench_generate,
             "decoding latency and cache bytes vs context for the three cache policies",
+        ),
+        (
+            "colt5",
+            bench_colt5,
+            "CoLT5 routed feed-forward and attention vs dense: time and FLOPs vs N",
         ),
     ]
     for name, module, help_text in benches:

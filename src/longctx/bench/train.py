@@ -29,6 +29,7 @@ PATTERNS = {
         "dilation_rates": [1, 2, 4, 6, 12],
     },
     "sliding": {"attention": "sliding_window", "window": 1024},
+    "colt5": {"attention": "colt5", "ffn": "colt5"},
 }
 
 

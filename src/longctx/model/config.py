@@ -6,11 +6,16 @@ from ..config import from_dict, to_dict
 from ..nn.attention import ATTENTION_PATTERNS
 from ..ops.dilated import OFFSET_MODES, check_branches
 
+MODEL_ATTENTION = (*ATTENTION_PATTERNS, "colt5")
+MODEL_FFN = ("swiglu", "colt5")
+
 
 @dataclass
 class ModelConfig:
     """Decoder LM: byte vocabulary, pre-norm blocks (RMSNorm, rotary multi-head attention,
-    SwiGLU), tied embeddings. ``attention`` picks the pattern of every layer."""
+    SwiGLU), tied embeddings. ``attention`` picks the pattern of every layer, ``ffn`` the
+    feed-forward: ``swiglu``, or ``colt5`` (routed, causal; longctx.nn.colt5). The
+    ``colt5_*`` keys size CoLT5 layers (0 = the paper's default)."""
 
     vocab_size: int = 264  # 256 bytes + specials, padded to a multiple of 8
     d_model: int = 256
@@ -23,6 +28,15 @@ class ModelConfig:
     dilated_offsets: str = "paper"
     window: int = 256
     rope_base: float = 10000.0
+    ffn: str = "swiglu"
+    colt5_capacity: float = 1 / 16  # fraction of tokens through the heavy feed-forward
+    colt5_q_capacity: float = 1 / 16  # routed queries of the heavy attention
+    colt5_kv_capacity: float = 1 / 8  # routed keys/values of the heavy attention
+    colt5_light_heads: int = 0  # 0: n_heads // 4 (at least 1)
+    colt5_window: int = 128  # light local attention: each token sees itself + 127 before
+    colt5_light_hidden: int = 0  # 0: hidden // 2
+    colt5_heavy_hidden: int = 0  # 0: 4 * hidden
+    colt5_aux_weight: float = 0.01  # weight of the routers' auxiliary loss
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
@@ -43,10 +57,13 @@ class ModelConfig:
             )
         if self.ffn_hidden < 0:
             raise ValueError(f"model.ffn_hidden must be >= 0, got {self.ffn_hidden}")
-        if self.attention not in ATTENTION_PATTERNS:
+        if self.attention not in MODEL_ATTENTION:
             raise ValueError(
-                f"model.attention must be one of {ATTENTION_PATTERNS}, got {self.attention!r}"
+                f"model.attention must be one of {MODEL_ATTENTION}, got {self.attention!r}"
             )
+        if self.ffn not in MODEL_FFN:
+            raise ValueError(f"model.ffn must be one of {MODEL_FFN}, got {self.ffn!r}")
+        self._check_colt5()
         if self.dilated_offsets not in OFFSET_MODES:
             raise ValueError(
                 f"model.dilated_offsets must be one of {OFFSET_MODES}, got {self.dilated_offsets!r}"
@@ -62,6 +79,38 @@ class ModelConfig:
             raise ValueError(f"model.window must be >= 1, got {self.window}")
         if self.rope_base <= 1:
             raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
+
+    def _check_colt5(self) -> None:
+        for name in ("colt5_capacity", "colt5_q_capacity", "colt5_kv_capacity"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"model.{name} must be a fraction in [0, 1], got {value!r}")
+            if not 0 <= value <= 1:
+                raise ValueError(f"model.{name} must be a fraction in [0, 1], got {value}")
+            setattr(self, name, float(value))
+        for name in ("colt5_light_heads", "colt5_light_hidden", "colt5_heavy_hidden"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"model.{name} must be >= 0 (0 = default), got {getattr(self, name)}"
+                )
+        if self.colt5_window < 1:
+            raise ValueError(f"model.colt5_window must be >= 1, got {self.colt5_window}")
+        if self.colt5_aux_weight < 0:
+            raise ValueError(f"model.colt5_aux_weight must be >= 0, got {self.colt5_aux_weight}")
+        if self.attention == "colt5":
+            if self.n_heads < 2:
+                raise ValueError(
+                    "model.attention = 'colt5' needs n_heads >= 2 (light and heavy heads)"
+                )
+            if not self.colt5_light_heads < self.n_heads:
+                raise ValueError(
+                    f"model.colt5_light_heads ({self.colt5_light_heads}) must be < n_heads "
+                    f"({self.n_heads}) so that the heavy branch has heads"
+                )
+
+    @property
+    def light_heads(self) -> int:
+        return self.colt5_light_heads or max(1, self.n_heads // 4)
 
     @property
     def head_dim(self) -> int:

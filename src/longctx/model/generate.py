@@ -4,6 +4,9 @@
 - ``dilated``: for dilated-attention layers, the bounded exact cache (per branch and head
   only the current segment's keys of the head's residue); other layers fall back to
   ``full`` (the result says so).
+- CoLT5 layers keep their own state under ``full`` and ``dilated``: the light heads' last
+  window of keys, and the routed keys/values with their positions. Routing is causal, so
+  decoding routes each new token exactly as the full forward would.
 - ``none``: no state between steps; every step recomputes the forward over all tokens
   (attention is an RNN over its history: the memory/time trade-off taken to its end).
   The attention ops are memory-efficient, so peak memory is one layer's activations.
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..nn.colt5 import ConditionalAttention, ConditionalAttentionCache
 from .cache import DilatedKVCache, FullKVCache, dilated_chunk_multiple
 from .lm import DecoderLM
 
@@ -62,8 +66,10 @@ def make_caches(model: DecoderLM, policy: str, batch: int, capacity: int, dtype,
             "dilated, so every layer uses the full cache"
         )
     caches = []
-    for _ in model.blocks:
-        if policy == "dilated" and model.cfg.attention == "dilated":
+    for block in model.blocks:
+        if isinstance(block.attn, ConditionalAttention):  # its own state, any policy
+            caches.append(ConditionalAttentionCache(block.attn, batch, capacity, dtype, device))
+        elif policy == "dilated" and model.cfg.attention == "dilated":
             caches.append(DilatedKVCache(model.cfg, batch, dtype, device))
         else:
             caches.append(FullKVCache(model.cfg, batch, capacity, dtype, device))

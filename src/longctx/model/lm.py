@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..nn import MultiHeadAttention, RMSNorm, SwiGLU
 from ..nn.attention import make_kernel
+from ..nn.colt5 import ConditionalAttention, ConditionalFeedForward, Router
 from .config import ModelConfig
 
 LN2 = math.log(2.0)
@@ -29,20 +30,48 @@ def bits_per_position(model: DecoderLM, windows: list[Tensor], batch: int, wrap=
     return (total / len(windows) / LN2).numpy()
 
 
+def _attention(cfg: ModelConfig) -> nn.Module:
+    if cfg.attention == "colt5":
+        return ConditionalAttention(
+            cfg.d_model,
+            cfg.n_heads,
+            light_heads=cfg.light_heads,
+            window=cfg.colt5_window,
+            q_capacity=cfg.colt5_q_capacity,
+            kv_capacity=cfg.colt5_kv_capacity,
+            causal=True,
+            rope_base=cfg.rope_base,
+        )
+    kernel = make_kernel(
+        cfg.attention,
+        segment_lengths=cfg.segment_lengths,
+        dilation_rates=cfg.dilation_rates,
+        offsets=cfg.dilated_offsets,
+        window=cfg.window,
+    )
+    return MultiHeadAttention(cfg.d_model, cfg.n_heads, kernel, cfg.rope_base)
+
+
+def _feed_forward(cfg: ModelConfig) -> nn.Module:
+    if cfg.ffn == "colt5":
+        return ConditionalFeedForward(
+            cfg.d_model,
+            cfg.hidden,
+            light_hidden=cfg.colt5_light_hidden or None,
+            heavy_hidden=cfg.colt5_heavy_hidden or None,
+            capacity=cfg.colt5_capacity,
+            causal=True,
+        )
+    return SwiGLU(cfg.d_model, cfg.hidden)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        kernel = make_kernel(
-            cfg.attention,
-            segment_lengths=cfg.segment_lengths,
-            dilation_rates=cfg.dilation_rates,
-            offsets=cfg.dilated_offsets,
-            window=cfg.window,
-        )
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, kernel, cfg.rope_base)
+        self.attn = _attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.hidden)
+        self.ffn = _feed_forward(cfg)
 
     def forward(self, x: Tensor, positions: Tensor | None = None, cache=None, start: int = 0):
         x = x + self.attn(self.attn_norm(x), positions, cache, start)
@@ -100,9 +129,36 @@ class DecoderLM(nn.Module):
         return F.linear(x, self.embed.weight).float()  # tied head, (B, N, V)
 
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
-        """Mean cross-entropy (nats per token) of predicting targets (B, N)."""
+        """Training objective: mean cross-entropy (nats per token) of predicting targets
+        (B, N), plus ``colt5_aux_weight`` times the CoLT5 routers' auxiliary loss."""
+        lm, aux = self.loss_parts(tokens, targets)
+        return lm if aux is None else lm + self.cfg.colt5_aux_weight * aux
+
+    def loss_parts(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(cross-entropy, summed router auxiliary loss or None without causal routers)."""
         logits = self(tokens)
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+        lm = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+        aux = [r.aux_loss for r in self.routers().values() if r.aux_loss is not None]
+        return lm, (torch.stack(aux).sum() if aux else None)
+
+    def routers(self) -> dict[str, Router]:
+        """CoLT5 routers by name (``layer{i}.ffn``, ``layer{i}.attn_q``, ``layer{i}.attn_kv``)."""
+        found = {}
+        for i, block in enumerate(self.blocks):
+            if isinstance(block.ffn, ConditionalFeedForward):
+                found[f"layer{i}.ffn"] = block.ffn.router
+            if isinstance(block.attn, ConditionalAttention):
+                found[f"layer{i}.attn_q"] = block.attn.q_router
+                found[f"layer{i}.attn_kv"] = block.attn.kv_router
+        return found
+
+    def routed_fractions(self) -> dict[str, float]:
+        """Fraction of tokens each router sent to its heavy branch in the last forward."""
+        return {
+            name: float(r.routed_fraction)
+            for name, r in self.routers().items()
+            if r.routed_fraction is not None
+        }
 
     @torch.no_grad()
     def nll_per_position(self, windows: Tensor) -> Tensor:
@@ -116,14 +172,35 @@ class DecoderLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
 
+    def _unrouted_params(self) -> float:
+        """Expected weights per token that CoLT5 routing skips (heavy branches applied to
+        a capacity fraction of the tokens)."""
+        skipped = 0.0
+        for block in self.blocks:
+            if isinstance(block.ffn, ConditionalFeedForward):
+                heavy = sum(p.numel() for p in block.ffn.heavy.parameters())
+                skipped += (1 - block.ffn.router.capacity) * heavy
+            if isinstance(block.attn, ConditionalAttention):
+                a = block.attn
+                cq, ckv = a.q_router.capacity, a.kv_router.capacity
+                skipped += (1 - cq) * (a.heavy_q.weight.numel() + a.heavy_proj.weight.numel())
+                skipped += (1 - ckv) * a.heavy_kv.weight.numel()
+        return skipped
+
     def flops_per_token(self, context: int) -> dict[str, float]:
         """Forward FLOPs per token at a context length: 2 per weight multiply-add (including
         the tied output head) plus the attention pattern's useful FLOPs averaged over
         positions. Training (forward + backward) costs about three times the forward."""
         cfg = self.cfg
         dense = 2 * (self.num_params(non_embedding=True) + self.embed.weight.numel())
+        dense -= 2 * self._unrouted_params()
         h, d = cfg.n_heads, cfg.head_dim
-        if cfg.attention == "dense":
+        if cfg.attention == "colt5":
+            hl = cfg.light_heads
+            pairs = cfg.colt5_q_capacity * cfg.colt5_kv_capacity * context * (context + 1) / 2
+            attn = ops.sliding_window_flops(context, hl, d, cfg.colt5_window, causal=True)
+            attn += 4 * d * (h - hl) * pairs
+        elif cfg.attention == "dense":
             attn = 4 * d * h * context * (context + 1) / 2
         elif cfg.attention == "dilated":
             attn = ops.dilated_attention_flops(
@@ -137,6 +214,6 @@ class DecoderLM(nn.Module):
             )
         else:
             attn = ops.sliding_window_flops(context, h, d, cfg.window, causal=True)
-        attn_per_token = cfg.n_layers * attn / context
+        attn_per_token = cfg.n_layers * attn / context  # CoLT5: routed at the capacities
         forward = dense + attn_per_token
         return {"forward": forward, "train": 3 * forward, "attention_forward": attn_per_token}

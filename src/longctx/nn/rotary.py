@@ -17,10 +17,13 @@ def rotary_angles(
 
 
 def apply_rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
-    """Rotate (B, H, N, D) queries or keys by their (global) positions (N,)."""
+    """Rotate (B, H, N, D) queries or keys by their (global) positions: (N,), or (B, N)
+    when the rows of the batch sit at different positions (routed tokens)."""
     d = x.shape[-1]
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cos, sin = rotary_angles(positions, d, base, cd)  # (N, D/2)
+    cos, sin = rotary_angles(positions, d, base, cd)  # (N, D/2) or (B, N, D/2)
+    if positions.dim() == 2:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, N, D/2)
     xf = x.to(cd)
     x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -3,6 +3,7 @@
 from . import reference
 from .attention import attention, chunked_attention, merge
 from .dilated import dilated_attention, dilated_attention_flops
+from .masked import masked_attention
 from .sliding import sliding_window_attention, sliding_window_flops
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "chunked_attention",
     "dilated_attention",
     "dilated_attention_flops",
+    "masked_attention",
     "merge",
     "reference",
     "sliding_window_attention",

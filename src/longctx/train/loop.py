@@ -238,15 +238,18 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress) -> TrainResult:
             lr = lr_at(step, tc)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum, aux_sum = 0.0, None
             for micro in range(tc.grad_accum):
                 x, y = sample_batch(
                     corpus.train, tc.batch_size, tc.context, tc.seed, step * tc.grad_accum + micro
                 )
                 with autocast:
-                    loss = model.loss(x, y) / tc.grad_accum
-                loss.backward()
-                loss_sum += float(loss.detach())
+                    lm, aux = model.loss_parts(x, y)
+                    loss = lm if aux is None else lm + model.cfg.colt5_aux_weight * aux
+                (loss / tc.grad_accum).backward()
+                loss_sum += float(lm.detach()) / tc.grad_accum
+                if aux is not None:
+                    aux_sum = (aux_sum or 0.0) + float(aux.detach()) / tc.grad_accum
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(
                     f"loss is {loss_sum} at step {step}; lower train.lr or enable grad_clip"
@@ -277,10 +280,15 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress) -> TrainResult:
                     "tokens_per_s": tok_s,
                     "elapsed_s": now - start_time,
                 }
+                routed = model.routed_fractions()
+                if routed:  # CoLT5: the fraction each router sent to its heavy branch
+                    row["router_aux_loss"] = aux_sum
+                    row["routed_fraction"] = routed
                 _append(metrics, row)
-                bar.set_postfix(
-                    loss=f"{loss_sum:.3f}", bpb=f"{loss_sum / LN2:.3f}", tok_s=f"{tok_s:,.0f}"
-                )
+                post = {"loss": f"{loss_sum:.3f}", "bpb": f"{loss_sum / LN2:.3f}"}
+                if routed:
+                    post["routed"] = f"{sum(routed.values()) / len(routed):.3f}"
+                bar.set_postfix(**post, tok_s=f"{tok_s:,.0f}")
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
                 val_bpb = evaluate_bpb(model, val, tc.batch_size)
                 _append(metrics, {"step": step, "tokens": tokens, "val_bpb": val_bpb})
