@@ -168,3 +168,33 @@ def test_bench_train_smoke(tmp_path, capsys):
 def test_bench_train_bad_pattern(tmp_path, capsys):
     rc, _, err = _run(["bench", "train", "--patterns", "moe", "--out", str(tmp_path)], capsys)
     assert rc == 2 and "unknown pattern" in err
+
+
+def test_bench_colt5_smoke(tmp_path, capsys):
+    out = tmp_path / "c"
+    argv = ["bench", "colt5", "--min-n", "64", "--max-n", "128", "--d-model", "32"]
+    rc, stdout, _ = _run([*argv, "--heads", "4", "--min-time", "0", "--out", str(out)], capsys)
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["component"], r["variant"], r["causal"], r["n"]) for r in rows} == {
+        (c, v, causal, n)
+        for c in ("ffn", "attention")
+        for v in ("dense", "routed")
+        for causal in (False, True)
+        for n in (64, 128)
+    }
+    assert all(r["status"] == "ok" and r["time_s"] > 0 and r["flops"] > 0 for r in rows)
+    routed = [r for r in rows if r["variant"] == "routed" and not r["causal"]]
+    # non-causal routing takes exactly ceil(N / 16) queries and ceil(N / 8) keys/values
+    for r in routed:
+        if r["component"] == "attention":
+            assert r["routed_fraction"] == {"q": 1 / 16, "kv": 1 / 8}
+    summary = json.loads((out / "summary.json").read_text())
+    assert "ffn_noncausal_128" in summary and "attention_causal_128" in summary
+    assert (out / "colt5.png").stat().st_size > 1000
+    assert "faster than dense" in stdout
+
+
+def test_bench_colt5_bad_component(tmp_path, capsys):
+    rc, _, err = _run(["bench", "colt5", "--components", "moe", "--out", str(tmp_path)], capsys)
+    assert rc == 2 and "--components" in err

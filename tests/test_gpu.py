@@ -56,3 +56,29 @@ def test_cuda_matches_reference(dtype, causal, name, fn, ref_fn):
         seed=0,
         scale=10 if dtype == torch.float32 else 1,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_attention_cuda(dtype):
+    q, k, v = (t.cuda() for t in make_qkv(2, 3, 37, 45, 16, dtype))
+    mask = (torch.rand(2, 1, 37, 45, generator=torch.Generator().manual_seed(0)) < 0.5).cuda()
+    check_against_reference(
+        lambda q, k, v: ops.masked_attention(q, k, v, mask, return_lse=True),
+        lambda q, k, v: ref.masked_attention(q, k, v, mask),
+        q,
+        k,
+        v,
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_colt5_attention_cuda_matches_cpu(causal):
+    from longctx.nn.colt5 import ConditionalAttention
+
+    torch.manual_seed(0)
+    attn = ConditionalAttention(64, 4, window=16, causal=causal).double()
+    x = torch.randn(2, 300, 64, dtype=torch.float64)
+    want = attn(x)
+    got = attn.cuda()(x.cuda())
+    torch.testing.assert_close(got.cpu(), want, atol=1e-10, rtol=0)

@@ -260,3 +260,29 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, data_dir, monkey
     a, b = _params(plain.checkpoint), _params(accum.checkpoint)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_colt5_model_trains_and_logs_routing_per_layer(tmp_path, data_dir, bf16):
+    cfg = _cfg(
+        data_dir,
+        "model.attention=colt5",
+        "model.ffn=colt5",
+        "model.colt5_window=16",
+        "train.max_steps=6",
+        "train.save_every=6",
+        f"train.bf16={str(bf16).lower()}",
+    )
+    result = _run(cfg, tmp_path / "run")
+    assert result.step == 6 and result.val_bpb == result.val_bpb  # finite
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 6
+    for r in steps:
+        assert sorted(r["routed_fraction"]) == sorted(
+            f"layer{i}.{k}" for i in range(2) for k in ("ffn", "attn_q", "attn_kv")
+        )
+        assert all(0 <= f <= 1 for f in r["routed_fraction"].values())
+        assert r["router_aux_loss"] > 0
+    model, _ = load_model(result.checkpoint)
+    assert model.cfg.attention == "colt5" and model.cfg.ffn == "colt5"

@@ -522,7 +522,7 @@ class ConditionalAttention(nn.Module):
         y = _routed_attention(q, k, v, q_pos, k_pos, rq.valid, k_valid, self.causal)
         y = self.heavy_proj(y.transpose(1, 2).reshape(B, Mq, H * D))
         y = y * rq.weights.unsqueeze(-1).to(y.dtype)  # 0 in padding slots
-        return x.new_zeros(B, N, C).scatter_add_(1, rq.indices.unsqueeze(-1).expand(-1, -1, C), y)
+        return y.new_zeros(B, N, C).scatter_add_(1, rq.indices.unsqueeze(-1).expand(-1, -1, C), y)
 
     @property
     def routers(self) -> dict[str, Router]:
