@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,22 +52,38 @@ def _train(args) -> int:
     from .evaluate import evaluate_run
     from .train import prepare_run, resolve_config, train
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.sequence_parallel > 1 or world > 1:
+        return _train_parallel(args)
     if args.resume:
-        if args.out is None:
-            raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
-        if args.preset or args.config:
-            raise ValueError(
-                "--resume continues a run with its saved config; drop --preset/--config"
-            )
-        run_dir = Path(args.out)
+        run_dir = _resume_dir(args)
         cfg = prepare_run(run_dir, None, True, args.set)
     else:
         cfg = resolve_config(args.preset, args.config, args.set)
-        name = args.preset or (Path(args.config).stem if args.config else "tiny")
-        run_dir = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(args.out or _default_run_dir(args))
         prepare_run(run_dir, cfg, False)
     print(f"run directory: {run_dir}")
     result = train(cfg, run_dir, resume=args.resume, checkpoint=args.checkpoint)
+    rc = _report(result, run_dir)
+    if rc == 0 and not args.no_eval:
+        _print_eval(evaluate_run(run_dir))
+    return rc
+
+
+def _resume_dir(args) -> Path:
+    if args.out is None:
+        raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+    if args.preset or args.config:
+        raise ValueError("--resume continues a run with its saved config; drop --preset/--config")
+    return Path(args.out)
+
+
+def _default_run_dir(args) -> str:
+    name = args.preset or (Path(args.config).stem if args.config else "tiny")
+    return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _report(result, run_dir: Path) -> int:
     print(
         f"stopped at step {result.step} ({result.tokens:,} tokens) by {result.stopped_by}; "
         f"checkpoint {result.checkpoint}"
@@ -78,9 +95,65 @@ def _train(args) -> int:
         f"validation: {result.val_bpb:.3f} bits/byte "
         f"(unigram baseline {result.unigram_bpb:.3f} bits/byte)"
     )
-    if not args.no_eval:
-        _print_eval(evaluate_run(run_dir))
     return 0
+
+
+def _train_parallel(args) -> int:
+    """Under torchrun: sequence parallelism over --sequence-parallel ranks, data
+    parallelism over the rest. Rank 0 writes the run directory and prints."""
+    import torch.distributed as dist
+
+    from .distributed.training import setup_training
+    from .evaluate import evaluate_run
+    from .train import prepare_run, resolve_config, train
+
+    if args.resume:
+        run_dir = _resume_dir(args)
+        cfg = prepare_run(run_dir, None, True, args.set)  # same file, same content: any rank
+    else:
+        cfg = resolve_config(args.preset, args.config, args.set)
+    par = setup_training(
+        args.sequence_parallel,
+        args.sp_strategy,
+        cfg.model,
+        cfg.train.context,
+        timeout_s=args.sp_timeout,
+    )
+    try:
+        if not args.resume:
+            box = [args.out or _default_run_dir(args), None]
+            if par.is_main:
+                try:
+                    prepare_run(Path(box[0]), cfg, False)
+                except ValueError as exc:
+                    box[1] = str(exc)
+            dist.broadcast_object_list(box, src=0)  # one name, and rank 0's verdict
+            if box[1] is not None:
+                raise ValueError(box[1])
+            run_dir = Path(box[0])
+        if par.is_main:
+            sp = par.sp
+            print(
+                f"run directory: {run_dir}\nsequence parallel: {sp.size} ranks, strategy "
+                f"{sp.strategy} ({sp.layout} layout); data parallel: {par.dp_size} replica(s)"
+            )
+        result = train(cfg, run_dir, resume=args.resume, checkpoint=args.checkpoint, parallel=par)
+        is_main = par.is_main
+    except Exception as exc:
+        if isinstance(exc, dist.DistBackendError) or "Connection closed" in str(exc):
+            raise RuntimeError(
+                f"rank {dist.get_rank()}: a collective failed ({type(exc).__name__}: {exc}); "
+                "another rank probably died or timed out"
+            ) from exc
+        raise
+    finally:
+        dist.destroy_process_group()
+    if not is_main:
+        return 0 if result.stopped_by != "interrupt" else 130
+    rc = _report(result, run_dir)
+    if rc == 0 and not args.no_eval:
+        _print_eval(evaluate_run(run_dir))
+    return rc
 
 
 def _print_eval(res: dict) -> None:
@@ -172,6 +245,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--checkpoint", type=Path, help="with --resume: this checkpoint directory")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    p.add_argument(
+        "--sequence-parallel",
+        type=int,
+        default=1,
+        metavar="P",
+        help="split each sequence over P ranks (launch with torchrun; the remaining ranks "
+        "are data parallel)",
+    )
+    p.add_argument(
+        "--sp-strategy",
+        choices=["longnet", "ulysses", "ring"],
+        help="sequence-parallel strategy (default: longnet for dilated, ring for dense, "
+        "ulysses otherwise)",
+    )
+    p.add_argument(
+        "--sp-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a rank waits for the others before failing with an error",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a run: bits per byte by position and context")

@@ -110,9 +110,14 @@ def plan_dilated(
     dilation_rates: Sequence[int],
     causal: bool,
     offsets: str = "paper",
+    *,
+    check: bool = True,
 ) -> list[Block]:
+    """The plan of the given branches; ``check=False`` skips the coverage check (for a
+    subset of a layer's branches, as the distributed strategy computes locally)."""
     ws, rs = check_branches(segment_lengths, dilation_rates, offsets)
-    check_coverage(n, num_heads, ws, rs, offsets)
+    if check:
+        check_coverage(n, num_heads, ws, rs, offsets)
     blocks: list[Block] = []
     if n == 0:
         return blocks

@@ -172,18 +172,22 @@ def train(
     checkpoint: Path | None = None,
     corpus: Corpus | None = None,
     progress: bool = True,
+    parallel=None,
 ) -> TrainResult:
-    """Train (or resume) a run in ``run_dir``; returns where it stopped and the numbers."""
+    """Train (or resume) a run in ``run_dir``; returns where it stopped and the numbers.
+
+    ``parallel``: a ``longctx.distributed.training.ParallelTraining`` (under torchrun):
+    sequence shards per rank, gradients reduced over ranks; only rank 0 writes."""
     threads = torch.get_num_threads()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
-        return _train(cfg, run_dir, resume, checkpoint, corpus, progress)
+        return _train(cfg, run_dir, resume, checkpoint, corpus, progress, parallel)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg, run_dir, resume, checkpoint, corpus, progress) -> TrainResult:
+def _train(cfg, run_dir, resume, checkpoint, corpus, progress, par) -> TrainResult:
     tc = cfg.train
     corpus = corpus or load_corpus(cfg.data)
     val = eval_windows(corpus.val, tc.context, tc.eval_windows)
@@ -191,9 +195,20 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress) -> TrainResult:
     metrics = run_dir / METRICS_FILE
     ckpt_root = run_dir / CKPT_DIR
 
+    main = par is None or par.is_main
+    progress = progress and main
     torch.manual_seed(tc.seed)
     model = DecoderLM(cfg.model)
+    if par is not None:
+        par.sp.parallelize(model)
     opt = build_optimizer(model, tc)
+    dp = 1 if par is None else par.dp_size
+
+    def val_bpb_now() -> float:
+        if par is None:
+            return evaluate_bpb(model, val, tc.batch_size)
+        return par.evaluate_bpb(model, val, tc.batch_size)
+
     step, tokens = 0, 0
     if resume:
         path = checkpoint or latest_checkpoint(ckpt_root)
@@ -205,10 +220,18 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress) -> TrainResult:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {exc}") from None
         torch.set_rng_state(loaded["rng"]["cpu"])
         step, tokens = int(state["step"]), int(state["tokens"])
-        _truncate_metrics(metrics, step)
-        print(f"resumed from {path} at step {step} ({tokens:,} tokens)")
+        if main:
+            _truncate_metrics(metrics, step)
+            print(f"resumed from {path} at step {step} ({tokens:,} tokens)")
 
     def save() -> Path:
+        if par is not None:  # written once, by rank 0; the others wait for it
+            path = _save() if main else ckpt_root / f"step-{step:08d}"
+            par.barrier()
+            return path
+        return _save()
+
+    def _save() -> Path:
         opt_tensors, opt_meta = _optimizer_tensors(opt)
         path = save_checkpoint(
             ckpt_root,
@@ -224,7 +247,7 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress) -> TrainResult:
         return path
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.bf16 else contextlib.nullcontext()
-    tokens_per_step = tc.batch_size * tc.context * tc.grad_accum
+    tokens_per_step = tc.batch_size * tc.context * tc.grad_accum * dp
     start_time = time.monotonic()
     window_time, window_tokens = time.monotonic(), 0
     stopped_by = "max_steps"
@@ -240,16 +263,25 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress) -> TrainResult:
                 group["lr"] = lr
             loss_sum, aux_sum = 0.0, None
             for micro in range(tc.grad_accum):
-                x, y = sample_batch(
-                    corpus.train, tc.batch_size, tc.context, tc.seed, step * tc.grad_accum + micro
+                index = (
+                    step * tc.grad_accum + micro
+                    if par is None
+                    else par.batch_index(step, micro, tc.grad_accum)
                 )
+                x, y = sample_batch(corpus.train, tc.batch_size, tc.context, tc.seed, index)
                 with autocast:
-                    lm, aux = model.loss_parts(x, y)
+                    if par is None:
+                        lm, aux = model.loss_parts(x, y)
+                    else:
+                        lm, aux = par.local_loss(model, x, y), None
                     loss = lm if aux is None else lm + model.cfg.colt5_aux_weight * aux
                 (loss / tc.grad_accum).backward()
                 loss_sum += float(lm.detach()) / tc.grad_accum
                 if aux is not None:
                     aux_sum = (aux_sum or 0.0) + float(aux.detach()) / tc.grad_accum
+            if par is not None:
+                par.all_reduce_grads(model)
+                (loss_sum,) = par.replica_mean([loss_sum])
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(
                     f"loss is {loss_sum} at step {step}; lower train.lr or enable grad_clip"
@@ -284,35 +316,43 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress) -> TrainResult:
                 if routed:  # CoLT5: the fraction each router sent to its heavy branch
                     row["router_aux_loss"] = aux_sum
                     row["routed_fraction"] = routed
-                _append(metrics, row)
+                if main:
+                    _append(metrics, row)
                 post = {"loss": f"{loss_sum:.3f}", "bpb": f"{loss_sum / LN2:.3f}"}
                 if routed:
                     post["routed"] = f"{sum(routed.values()) / len(routed):.3f}"
                 bar.set_postfix(**post, tok_s=f"{tok_s:,.0f}")
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
-                val_bpb = evaluate_bpb(model, val, tc.batch_size)
-                _append(metrics, {"step": step, "tokens": tokens, "val_bpb": val_bpb})
-                bar.write(
-                    f"step {step}: validation {val_bpb:.3f} bits/byte "
-                    f"(unigram baseline {unigram:.3f})"
-                )
+                val_bpb = val_bpb_now()
+                if main:
+                    _append(metrics, {"step": step, "tokens": tokens, "val_bpb": val_bpb})
+                    bar.write(
+                        f"step {step}: validation {val_bpb:.3f} bits/byte "
+                        f"(unigram baseline {unigram:.3f})"
+                    )
             if step % tc.save_every == 0:
                 ckpt_path = save()
-            if stop.requested:
+            interrupted = stop.requested
+            late = bool(tc.max_minutes) and time.monotonic() - start_time >= 60 * tc.max_minutes
+            if par is not None:  # every rank must take the same decision
+                interrupted, late = par.any(interrupted), par.any(late)
+            if interrupted:
                 stopped_by = "interrupt"
                 break
             if tc.max_tokens and tokens >= tc.max_tokens:
                 stopped_by = "max_tokens"
                 break
-            if tc.max_minutes and time.monotonic() - start_time >= 60 * tc.max_minutes:
+            if late:
                 stopped_by = "max_minutes"
                 break
     bar.close()
     if ckpt_path is None or ckpt_path.name != f"step-{step:08d}":
         ckpt_path = save()
     if stopped_by != "interrupt":
-        val_bpb = evaluate_bpb(model, val, tc.batch_size)
-        _append(metrics, {"step": step, "tokens": tokens, "val_bpb": val_bpb, "final": True})
+        val_bpb = val_bpb_now()
+        if main:
+            row = {"step": step, "tokens": tokens, "val_bpb": val_bpb, "final": True}
+            _append(metrics, row)
     return TrainResult(
         run_dir=run_dir,
         step=step,

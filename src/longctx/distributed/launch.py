@@ -1,0 +1,59 @@
+"""Starting P local processes joined in one gloo group: the tests and ``longctx bench
+parallel`` use it (training uses torchrun). Each process runs ``fn(rank, world, *args)``;
+what it returns comes back to the caller, in rank order."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, timeout_s, threads, out_dir, fn, args):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(
+    world: int,
+    fn: Callable,
+    args: tuple = (),
+    *,
+    timeout_s: float = 60.0,
+    threads: int = 1,
+) -> list:
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes (gloo, loopback) and
+    return their results. A failing rank raises here with its traceback; the process
+    group timeout bounds how long the others wait for it."""
+    with tempfile.TemporaryDirectory(prefix="longctx-spawn-") as out_dir:
+        mp.start_processes(
+            _entry,
+            args=(world, free_port(), timeout_s, threads, out_dir, fn, args),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
