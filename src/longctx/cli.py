@@ -139,13 +139,14 @@ def _train_parallel(args) -> int:
             )
         result = train(cfg, run_dir, resume=args.resume, checkpoint=args.checkpoint, parallel=par)
         is_main = par.is_main
-    except Exception as exc:
-        if isinstance(exc, dist.DistBackendError) or "Connection closed" in str(exc):
-            raise RuntimeError(
-                f"rank {dist.get_rank()}: a collective failed ({type(exc).__name__}: {exc}); "
-                "another rank probably died or timed out"
-            ) from exc
-        raise
+    except RuntimeError as exc:  # gloo/NCCL report a lost peer or a timeout this way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"longctx: error: rank {dist.get_rank()}: a collective failed ({first}); another "
+            f"rank probably died or timed out (--sp-timeout {args.sp_timeout:g} s)",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         dist.destroy_process_group()
     if not is_main:

@@ -19,6 +19,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 DEFAULT_TIMEOUT_S = 120.0
+# torch >= 2.13 renamed the tensor-in, tensor-out collectives
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def backend_for(device: torch.device | str) -> str:
@@ -34,7 +37,7 @@ def init_from_env(device: torch.device | str = "cpu", timeout_s: float = DEFAULT
         k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ
     ]
     if missing:
-        raise RuntimeError(
+        raise ValueError(
             f"the environment lacks {', '.join(missing)}: launch with torchrun, e.g. "
             "`torchrun --nproc-per-node 2 -m longctx train --sequence-parallel 2`"
         )
@@ -156,18 +159,17 @@ class GroupAllGather(torch.autograd.Function):
         x = x.contiguous()
         if size == 1:
             return x.unsqueeze(0)
-        out = x.new_empty(size, *x.shape)
-        dist.all_gather_into_tensor(out, x, group=group)
+        out = x.new_empty(size * x.shape[0], *x.shape[1:])  # chunks along dim 0
+        _all_gather(out, x, group=group)
         sp.count("all_gather", _nbytes(x) * (size - 1))
-        return out
+        return out.view(size, *x.shape)
 
     @staticmethod
     def backward(ctx, g):
         if ctx.size == 1:
             return g[0], None, None, None
-        g = g.contiguous()
         out = g.new_empty(g.shape[1:])
-        dist.reduce_scatter_tensor(out, g, group=ctx.group)
+        _reduce_scatter(out, g.reshape(-1, *g.shape[2:]).contiguous(), group=ctx.group)
         ctx.sp.count("reduce_scatter", _nbytes(out) * (ctx.size - 1))
         return out, None, None, None
 
