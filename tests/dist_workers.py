@@ -74,16 +74,16 @@ def round_trip(rank, world, shape):
     return x.detach(), heads.detach(), back.detach(), x.grad
 
 
-def train_run(rank, world, run_dir, overrides, strategy):
-    """A short training run under sequence parallelism (as ``longctx train`` does)."""
-    from longctx.distributed import SequenceParallel
-    from longctx.distributed.training import ParallelTraining
+def train_run(rank, world, run_dir, overrides, strategy, sequence_parallel=None):
+    """A short training run under sequence (and data) parallelism, as ``longctx train``
+    sets it up under torchrun."""
+    from longctx.distributed.training import setup_training
     from longctx.train import prepare_run, resolve_config, train
 
     cfg = resolve_config("tiny", None, overrides)
-    sp = SequenceParallel(SPGroup.world(), strategy)
-    par = ParallelTraining(sp=sp, rank=rank, world=world, dp_rank=0, dp_size=1)
-    if rank == 0:
+    P = sequence_parallel or world
+    par = setup_training(P, strategy, cfg.model, cfg.train.context)
+    if par.is_main:
         prepare_run(run_dir, cfg, False)
     torch.distributed.barrier()
     result = train(cfg, run_dir, progress=False, parallel=par)

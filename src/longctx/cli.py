@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import attention
     from .bench import colt5 as bench_colt5
     from .bench import generate as bench_generate
+    from .bench import parallel as bench_parallel
     from .bench import train as bench_train
 
     parser = argparse.ArgumentParser(
@@ -328,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
             "colt5",
             bench_colt5,
             "CoLT5 routed feed-forward and attention vs dense: time and FLOPs vs N",
+        ),
+        (
+            "parallel",
+            bench_parallel,
+            "sequence-parallel strategies on gloo: bytes per rank and time vs N and P",
         ),
     ]
     for name, module, help_text in benches:
