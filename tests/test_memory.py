@@ -1,0 +1,237 @@
+"""Memory attention and its store (longctx.nn.memory; SPEC section 4)."""
+
+import builtins
+
+import pytest
+import torch
+
+from longctx.nn.attention import MultiHeadAttention, make_kernel
+from longctx.nn.memory import (
+    MemoryAttention,
+    MemoryStore,
+    faiss_recall,
+    faiss_search,
+    torch_topk,
+)
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _pair(**kw):
+    """A memory layer and a plain causal layer with the same weights."""
+    mem = MemoryAttention(32, 4, **kw).double()
+    full = MultiHeadAttention(32, 4, make_kernel("dense")).double()
+    full.load_state_dict(mem.state_dict())
+    return mem, full
+
+
+def _windows(layer, x, window, memory, **kw):
+    outs = []
+    for a in range(0, x.shape[1], window):
+        outs.append(layer(x[:, a : a + window], start=a, memory=memory, **kw))
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("window", [1, 7, 16, 50])
+def test_dense_absolute_equals_full_causal_attention(window):
+    mem, full = _pair(retrieval="dense", positions="absolute")
+    x = randn(2, 50, 32).requires_grad_()
+    store = mem.new_memory(2, 64, F64, "cpu")
+    got = _windows(mem, x, window, store)
+    want = full(x)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    # gradients within each window (memory is read without gradient to past windows'
+    # inputs: their keys were stored)
+    g = randn(2, 50, 32, seed=1)
+    (gx,) = torch.autograd.grad((got * g).sum(), x)
+    assert torch.isfinite(gx).all()
+
+
+@pytest.mark.parametrize("k", [50, 64, 1000])
+def test_exact_topk_with_k_at_least_memory_equals_dense(k):
+    dense, _ = _pair(retrieval="dense")
+    top, _ = _pair(retrieval="topk", topk=k)
+    top.load_state_dict(dense.state_dict())
+    x = randn(2, 50, 32)
+    a = _windows(dense, x, 10, dense.new_memory(2, 64, F64, "cpu"))
+    b = _windows(top, x, 10, top.new_memory(2, 64, F64, "cpu"))
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_topk_selects_the_largest_inner_products():
+    keys = randn(1, 2, 30, 8)
+    valid = torch.ones(1, 30, dtype=torch.bool)
+    valid[0, 5:9] = False
+    q = randn(1, 2, 4, 8, seed=3)
+    idx = torch_topk(keys, valid, q, 5)
+    scores = torch.einsum("bhnd,bhcd->bhnc", q, keys).masked_fill(~valid[:, None, None], -1e9)
+    want = scores.topk(5, dim=-1).indices
+    assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
+    assert not bool(((idx >= 5) & (idx < 9)).any())
+    few = torch_topk(keys, torch.arange(30).unsqueeze(0) < 3, q, 5)  # 3 valid < k
+    assert bool((few[..., 3:] == -1).all()) and bool((few[..., :3] < 3).all())
+
+
+def test_shuffling_memory_slots_changes_nothing():
+    mem, _ = _pair(retrieval="dense")
+    x = randn(1, 40, 32)
+    store = mem.new_memory(1, 40, F64, "cpu")
+    mem(x[:, :30], memory=store)  # fill 30 entries
+    y = mem(x[:, 30:], start=30, memory=store, write=False)
+    perm = torch.randperm(40)
+    for name in ("k", "v"):
+        setattr(store, name, getattr(store, name)[:, :, perm])
+    for name in ("pos", "age", "valid"):
+        setattr(store, name, getattr(store, name)[:, perm])
+    y2 = mem(x[:, 30:], start=30, memory=store, write=False)
+    torch.testing.assert_close(y, y2, atol=1e-12, rtol=0)
+
+
+def test_batch_rows_never_see_each_others_memory():
+    mem, _ = _pair(retrieval="dense")
+    x = randn(2, 24, 32)
+    store = mem.new_memory(2, 32, F64, "cpu")
+    mem(x[:, :16], memory=store)
+    y = mem(x[:, 16:], start=16, memory=store, write=False)
+    # change row 1's history completely: row 0's output does not move
+    x2 = x.clone()
+    x2[1, :16] = randn(16, 32, seed=9)
+    store2 = mem.new_memory(2, 32, F64, "cpu")
+    mem(x2[:, :16], memory=store2)
+    y2 = mem(x2[:, 16:], start=16, memory=store2, write=False)
+    assert torch.equal(y[0], y2[0])
+    assert not torch.allclose(y[1], y2[1])
+    store.clear([1])  # clearing a row touches only that row
+    y3 = mem(x[:, 16:], start=16, memory=store, write=False)
+    assert torch.equal(y3[0], y[0])
+    assert store.size(1) == 0 and store.size(0) == 16
+
+
+def test_store_at_capacity_holds_exactly_the_last_c_entries():
+    store = MemoryStore(2, 2, 4, capacity=10, dtype=F64, device="cpu")
+    total = 0
+    for n in (3, 4, 6, 12, 1):  # 26 entries in all, one write larger than C
+        k = torch.arange(total, total + n, dtype=F64).view(1, 1, n, 1).expand(2, 2, n, 4)
+        store.add(k, k + 0.5, torch.arange(total, total + n))
+        total += n
+    for row in range(2):
+        k, v, pos = store.entries(row)
+        assert pos.tolist() == list(range(16, 26))
+        assert k[0, :, 0].tolist() == list(map(float, range(16, 26)))
+        assert torch.equal(v, k + 0.5)
+    keep = torch.tensor([[True, False, True], [False, False, False]])
+    store.add(
+        torch.zeros(2, 2, 3, 4, dtype=F64),
+        torch.zeros(2, 2, 3, 4, dtype=F64),
+        torch.tensor([26, 27, 28]),
+        keep,
+    )
+    assert store.entries(0)[2].tolist() == [*range(18, 26), 26, 28]
+    assert store.entries(1)[2].tolist() == list(range(16, 26))
+
+
+def test_store_save_load_round_trip(tmp_path):
+    store = MemoryStore(2, 3, 4, capacity=8, dtype=torch.float32, device="cpu")
+    store.add(randn(2, 3, 11, 4).float(), randn(2, 3, 11, 4, seed=1).float(), torch.arange(11))
+    store.clear([1])
+    store.add(
+        randn(2, 3, 2, 4).float(),
+        randn(2, 3, 2, 4).float(),
+        torch.arange(11, 13),
+        torch.tensor([[False, False], [True, True]]),
+    )
+    store.save(tmp_path / "m.safetensors")
+    again = MemoryStore.load(tmp_path / "m.safetensors")
+    for row in range(2):
+        for a, b in zip(store.entries(row), again.entries(row), strict=True):
+            assert torch.equal(a, b)
+    assert again.written == store.written and again.nbytes == store.nbytes
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="cannot read memory file"):
+        MemoryStore.load(tmp_path / "bad.safetensors")
+
+
+def test_memory_visible_hides_memory_from_queries():
+    mem, _ = _pair(retrieval="dense")
+    x = randn(1, 20, 32)
+    store = mem.new_memory(1, 32, F64, "cpu")
+    mem(x[:, :10], memory=store)
+    vis = torch.tensor([[True] * 4 + [False] * 6])
+    y = mem(x[:, 10:], start=10, memory=store, write=False, memory_visible=vis)
+    alone = mem(x[:, 10:], start=10, memory=None)  # local attention only
+    assert torch.allclose(y[:, 4:], alone[:, 4:], atol=1e-12)
+    assert not torch.allclose(y[:, :4], alone[:, :4])
+
+
+@pytest.mark.parametrize("positions", ["none", "zero"])
+def test_relative_position_modes_ignore_where_memory_came_from(positions):
+    """none/zero: memory keys carry no absolute position, so the same window after the
+    same memory gives the same output whatever the absolute offset."""
+    mem, _ = _pair(retrieval="dense", positions=positions)
+    x = randn(1, 24, 32)
+    outs = []
+    for offset in (0, 1000):
+        store = mem.new_memory(1, 32, F64, "cpu")
+        mem(x[:, :12], start=offset, memory=store)
+        outs.append(mem(x[:, 12:], start=offset + 12, memory=store, write=False))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-10, rtol=0)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="retrieval must be one of"):
+        MemoryAttention(32, 4, retrieval="knn")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        MemoryAttention(32, 4, positions="relative")
+    with pytest.raises(ValueError, match="capacity"):
+        MemoryStore(1, 1, 4, 0, F64, "cpu")
+    store = MemoryStore(1, 2, 4, 4, F64, "cpu")
+    with pytest.raises(ValueError, match="memory holds"):
+        store.add(torch.zeros(1, 3, 2, 4), torch.zeros(1, 3, 2, 4), torch.arange(2))
+
+
+def test_missing_faiss_names_the_extra(monkeypatch):
+    real = builtins.__import__
+
+    def no_faiss(name, *args, **kwargs):
+        if name == "faiss":
+            raise ImportError("No module named 'faiss'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    with pytest.raises(ImportError, match=r"longctx\[faiss\]"):
+        MemoryAttention(32, 4, retrieval="faiss")
+
+
+def test_faiss_exact_index_finds_the_torch_topk_neighbours():
+    pytest.importorskip("faiss")
+    keys = randn(2, 2, 200, 16).float()
+    valid = torch.ones(2, 200, dtype=torch.bool)
+    valid[1, 150:] = False
+    q = randn(2, 2, 9, 16, seed=4).float()
+    exact = torch_topk(keys, valid, q, 8)
+    found = faiss_search(keys, valid, q, 8, "flat")
+    assert torch.equal(exact.sort(-1).values, found.sort(-1).values)
+    assert faiss_recall(keys, valid, q, 8, "flat") == 1.0
+    recall = faiss_recall(keys, valid, q, 8, "hnsw")
+    assert 0.5 <= recall <= 1.0
+
+
+def test_faiss_retrieval_matches_topk_attention():
+    pytest.importorskip("faiss")
+    top, _ = _pair(retrieval="topk", topk=6)
+    fa, _ = _pair(retrieval="faiss", topk=6)
+    fa.load_state_dict(top.state_dict())
+    x = randn(1, 40, 32).float()
+    top, fa = top.float(), fa.float()
+    a = _windows(top, x, 10, top.new_memory(1, 64, torch.float32, "cpu"))
+    b = _windows(fa, x, 10, fa.new_memory(1, 64, torch.float32, "cpu"))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
