@@ -235,3 +235,88 @@ def test_faiss_retrieval_matches_topk_attention():
     a = _windows(top, x, 10, top.new_memory(1, 64, torch.float32, "cpu"))
     b = _windows(fa, x, 10, fa.new_memory(1, 64, torch.float32, "cpu"))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- the model
+
+
+def _memory_model(**kw):
+    from longctx.model.config import ModelConfig
+    from longctx.model.lm import DecoderLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, memory_window=16, **kw)
+    return DecoderLM(cfg).double()
+
+
+def _tokens(B, N, seed=0):
+    return torch.randint(0, 250, (B, N), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("retrieval", ["dense", "topk"])
+def test_model_window_by_window_equals_all_at_once(retrieval):
+    model = _memory_model(memory_layers=[1], memory_retrieval=retrieval, memory_topk=8)
+    t = _tokens(2, 53)
+    whole = model(t)
+    memories = model.new_memories(2)
+    parts = [model(t[:, a : a + 16], start=a, memories=memories) for a in range(0, 53, 16)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        model(t[:, :5], start=3)
+
+
+@pytest.mark.parametrize("j", [0, 15, 16, 17, 40])
+def test_model_is_causal_across_window_boundaries(j):
+    model = _memory_model(memory_layers=[0, 1], memory_retrieval="dense")
+    t = _tokens(2, 50)
+    t2 = t.clone()
+    t2[:, j:] = _tokens(2, 50 - j, seed=5)
+    a, b = model(t), model(t2)
+    torch.testing.assert_close(a[:, :j], b[:, :j], atol=1e-12, rtol=0)
+    assert not torch.allclose(a[:, j], b[:, j])
+
+
+def test_all_memory_layers_dense_absolute_equal_the_plain_model():
+    """Every layer reading all earlier windows with absolute positions is full causal
+    attention over the whole input: the same function as the model without memory."""
+    from longctx.model.config import ModelConfig
+    from longctx.model.lm import DecoderLM
+
+    model = _memory_model(
+        memory_layers=[0, 1], memory_retrieval="dense", memory_positions="absolute"
+    )
+    plain = DecoderLM(ModelConfig(d_model=32, n_layers=2, n_heads=2)).double()
+    plain.load_state_dict(model.state_dict())
+    t = _tokens(2, 70)
+    torch.testing.assert_close(model(t), plain(t), atol=1e-10, rtol=0)
+
+
+def test_document_separator_clears_the_row_and_hides_old_memory():
+    model = _memory_model(memory_layers=[1], memory_retrieval="dense")
+    t = _tokens(2, 48)
+    t[0, 21] = 256  # row 0: a document ends inside the second window
+    memories = model.new_memories(2)
+    model(t, memories=memories)
+    store = memories[1]
+    assert store.entries(0)[2].tolist() == list(range(22, 48))  # only the new document
+    assert store.entries(1)[2].tolist() == list(range(48))
+    visible, keep, clear = model.document_rules(t[:, 16:32])
+    assert visible[0].tolist() == [True] * 6 + [False] * 10 and bool(visible[1].all())
+    assert keep[0].tolist() == [False] * 6 + [True] * 10 and clear == [0]
+    # the new document's outputs do not depend on the old document (its window's tokens
+    # after the separator see neither the old memory nor ... the old tokens beyond it)
+    t2 = t.clone()
+    t2[0, :16] = _tokens(1, 16, seed=7)  # a different first window of the old document
+    a, b = model(t), model(t2)
+    torch.testing.assert_close(a[0, 32:], b[0, 32:], atol=1e-12, rtol=0)
+
+
+def test_memory_config_errors():
+    from longctx.model.config import ModelConfig
+
+    with pytest.raises(ValueError, match="distinct indices"):
+        ModelConfig(n_layers=2, memory_layers=[2])
+    with pytest.raises(ValueError, match="must be 'dense'"):
+        ModelConfig(memory_layers=[0], attention="dilated")
+    with pytest.raises(ValueError, match="memory_retrieval"):
+        ModelConfig(memory_layers=[0], memory_retrieval="ann")

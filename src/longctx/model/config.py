@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from ..config import from_dict, to_dict
 from ..nn.attention import ATTENTION_PATTERNS
+from ..nn.memory import FAISS_INDEXES, MEMORY_POSITIONS, RETRIEVALS
 from ..ops.dilated import OFFSET_MODES, check_branches
 
 MODEL_ATTENTION = (*ATTENTION_PATTERNS, "colt5")
@@ -37,6 +38,16 @@ class ModelConfig:
     colt5_light_hidden: int = 0  # 0: hidden // 2
     colt5_heavy_hidden: int = 0  # 0: 4 * hidden
     colt5_aux_weight: float = 0.01  # weight of the routers' auxiliary loss
+    # memory attention (Focused Transformer): these layers read a memory of earlier
+    # windows; inputs are processed window by window (longctx.nn.memory)
+    memory_layers: list[int] = field(default_factory=list)
+    memory_window: int = 256
+    memory_capacity: int = 65536  # entries per layer and batch row (FIFO)
+    memory_retrieval: str = "dense"
+    memory_topk: int = 32
+    memory_positions: str = "zero"
+    memory_faiss_index: str = "flat"
+    memory_separator: int = 256  # a token that ends a document (clears memory); -1: none
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
@@ -64,6 +75,7 @@ class ModelConfig:
         if self.ffn not in MODEL_FFN:
             raise ValueError(f"model.ffn must be one of {MODEL_FFN}, got {self.ffn!r}")
         self._check_colt5()
+        self._check_memory()
         if self.dilated_offsets not in OFFSET_MODES:
             raise ValueError(
                 f"model.dilated_offsets must be one of {OFFSET_MODES}, got {self.dilated_offsets!r}"
@@ -107,6 +119,36 @@ class ModelConfig:
                     f"model.colt5_light_heads ({self.colt5_light_heads}) must be < n_heads "
                     f"({self.n_heads}) so that the heavy branch has heads"
                 )
+
+    def _check_memory(self) -> None:
+        layers = self.memory_layers
+        if not isinstance(layers, list) or any(
+            isinstance(i, bool) or not isinstance(i, int) for i in layers
+        ):
+            raise ValueError(f"model.memory_layers must be a list of layer indices, got {layers!r}")
+        bad = [i for i in layers if not 0 <= i < self.n_layers]
+        if bad or len(set(layers)) != len(layers):
+            raise ValueError(
+                f"model.memory_layers must hold distinct indices in [0, {self.n_layers - 1}], "
+                f"got {layers}"
+            )
+        for name in ("memory_window", "memory_capacity", "memory_topk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        for name, allowed in (
+            ("memory_retrieval", RETRIEVALS),
+            ("memory_positions", MEMORY_POSITIONS),
+            ("memory_faiss_index", FAISS_INDEXES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        if layers and self.attention != "dense":
+            raise ValueError(
+                "memory layers process inputs window by window with dense attention inside "
+                f"each window; model.attention must be 'dense', got {self.attention!r}"
+            )
 
     @property
     def light_heads(self) -> int:

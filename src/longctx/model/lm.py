@@ -10,6 +10,7 @@ from .. import ops
 from ..nn import MultiHeadAttention, RMSNorm, SwiGLU
 from ..nn.attention import make_kernel
 from ..nn.colt5 import ConditionalAttention, ConditionalFeedForward, Router
+from ..nn.memory import MemoryAttention, MemoryStore
 from .config import ModelConfig
 
 LN2 = math.log(2.0)
@@ -30,7 +31,17 @@ def bits_per_position(model: DecoderLM, windows: list[Tensor], batch: int, wrap=
     return (total / len(windows) / LN2).numpy()
 
 
-def _attention(cfg: ModelConfig) -> nn.Module:
+def _attention(cfg: ModelConfig, layer: int) -> nn.Module:
+    if layer in cfg.memory_layers:
+        return MemoryAttention(
+            cfg.d_model,
+            cfg.n_heads,
+            retrieval=cfg.memory_retrieval,
+            topk=cfg.memory_topk,
+            positions=cfg.memory_positions,
+            rope_base=cfg.rope_base,
+            faiss_index=cfg.memory_faiss_index,
+        )
     if cfg.attention == "colt5":
         return ConditionalAttention(
             cfg.d_model,
@@ -66,15 +77,27 @@ def _feed_forward(cfg: ModelConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = _attention(cfg)
+        self.attn = _attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = _feed_forward(cfg)
 
-    def forward(self, x: Tensor, positions: Tensor | None = None, cache=None, start: int = 0):
-        x = x + self.attn(self.attn_norm(x), positions, cache, start)
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor | None = None,
+        cache=None,
+        start: int = 0,
+        memory: dict | None = None,
+    ):
+        """``memory``: for a memory layer, the keyword arguments of MemoryAttention."""
+        h = self.attn_norm(x)
+        if memory is not None:
+            x = x + self.attn(h, positions, start=start, **memory)
+        else:
+            x = x + self.attn(h, positions, cache, start)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -85,7 +108,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.reset_parameters()
 
@@ -110,16 +133,27 @@ class DecoderLM(nn.Module):
         caches: list | None = None,
         start: int = 0,
         last_only: bool = False,
+        memories: list | None = None,
     ) -> Tensor:
         """tokens (B, N) int64 at positions start..start+N-1 -> logits (B, N, vocab)
         (float32); with ``last_only``, logits of the last position only (B, 1, vocab).
-        ``caches``: one per layer (longctx.model.cache) for incremental decoding."""
+        ``caches``: one per layer (longctx.model.cache) for incremental decoding.
+        With memory layers the input is processed in windows of ``memory_window``
+        (``start`` a multiple of it); ``memories`` (from :meth:`new_memories`) carries
+        the memory from call to call (default: a fresh, empty memory)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"need one cache per layer ({len(self.blocks)}), got {len(caches)}")
+        if self.cfg.memory_layers:
+            if caches is not None or positions is not None:
+                raise ValueError(
+                    "a model with memory layers runs window by window: pass ``memories`` "
+                    "(DecoderLM.new_memories), not caches or positions"
+                )
+            return self._forward_windows(tokens, memories, start, last_only)
         x = self.embed(tokens)  # (B, N, C)
         for i, block in enumerate(self.blocks):
             x = block(x, positions, None if caches is None else caches[i], start)
@@ -127,6 +161,63 @@ class DecoderLM(nn.Module):
             x = x[:, -1:]  # (B, 1, C)
         x = self.norm(x)
         return F.linear(x, self.embed.weight).float()  # tied head, (B, N, V)
+
+    def new_memories(self, batch: int, dtype=None, device=None) -> list[MemoryStore | None]:
+        """Empty memories, one per layer (None for layers without memory)."""
+        w = self.embed.weight
+        return [
+            b.attn.new_memory(batch, self.cfg.memory_capacity, dtype or w.dtype, device or w.device)
+            if isinstance(b.attn, MemoryAttention)
+            else None
+            for b in self.blocks
+        ]
+
+    def document_rules(self, chunk: Tensor):
+        """For a window of token ids (B, n): which queries may read memory (none after a
+        document separator), which tokens are written (those after the last
+        separator), and which rows' memory is cleared (rows that hold a separator)."""
+        sep = self.cfg.memory_separator
+        B, n = chunk.shape
+        is_sep = chunk == sep if sep >= 0 else torch.zeros_like(chunk, dtype=torch.bool)
+        idx = torch.arange(n, device=chunk.device).expand(B, n)
+        first = torch.where(is_sep, idx, n).amin(dim=1, keepdim=True)  # n: none
+        last = torch.where(is_sep, idx, -1).amax(dim=1, keepdim=True)  # -1: none
+        visible = idx <= first
+        keep = idx > last
+        clear = is_sep.any(dim=1).nonzero().flatten().tolist()
+        return visible, keep, clear
+
+    def _forward_windows(self, tokens, memories, start, last_only):
+        W = self.cfg.memory_window
+        if start % W:
+            raise ValueError(f"a memory model's input must start at a multiple of {W}, got {start}")
+        B, N = tokens.shape
+        if memories is None:
+            memories = self.new_memories(B)
+        if len(memories) != len(self.blocks):
+            raise ValueError(f"need one memory per layer ({len(self.blocks)}), got {len(memories)}")
+        outs = []
+        for a in range(0, N, W):
+            chunk = tokens[:, a : a + W]  # (B, n)
+            p0 = start + a
+            pos = torch.arange(p0, p0 + chunk.shape[1], device=tokens.device)
+            visible, keep, clear = self.document_rules(chunk)
+            x = self.embed(chunk)
+            for block, mem in zip(self.blocks, memories):
+                kw = None
+                if mem is not None:
+                    kw = dict(
+                        memory=mem,
+                        window_start=p0,
+                        memory_visible=visible,
+                        write_keep=keep,
+                        clear_rows=clear,
+                    )
+                x = block(x, pos, None, p0, memory=kw)
+            outs.append(x[:, -1:] if last_only else x)
+        x = outs[-1] if last_only else torch.cat(outs, dim=1)
+        x = self.norm(x)
+        return F.linear(x, self.embed.weight).float()
 
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
         """Training objective: mean cross-entropy (nats per token) of predicting targets

@@ -293,12 +293,15 @@ class MemoryAttention(nn.Module):
         memory_visible: Tensor | None = None,
         write: bool = True,
         write_keep: Tensor | None = None,
+        clear_rows: list[int] | None = None,
     ) -> Tensor:
         """x (B, n, C): a window at positions start..start+n-1 (or ``positions``). Queries
         attend causally within x and to ``memory``; then x's keys/values are written to
         memory (``write``; ``write_keep`` (B, n) selects which). ``memory_visible``
         (B, n) bool hides the memory from some queries (e.g. after a document separator).
-        ``window_start``: position of the window's first token (``zero`` mode)."""
+        ``window_start``: position of the window's first token (``zero`` mode).
+        ``clear_rows``: rows whose memory is cleared after the read, before the write
+        (a document ended in this window)."""
         B, n, C = x.shape
         if positions is None:
             positions = torch.arange(start, start + n, device=x.device)
@@ -314,6 +317,8 @@ class MemoryAttention(nn.Module):
             y = ops.merge([local, self.read(q, q_rot, positions - first, memory, memory_visible)])[
                 0
             ]
+            if clear_rows:
+                memory.clear(clear_rows)
             if write:
                 memory.add(k_rot if self.positions == "absolute" else k, v, positions, write_keep)
         return self.proj(y.transpose(1, 2).reshape(B, n, C))
