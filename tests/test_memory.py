@@ -320,3 +320,19 @@ def test_memory_config_errors():
         ModelConfig(memory_layers=[0], attention="dilated")
     with pytest.raises(ValueError, match="memory_retrieval"):
         ModelConfig(memory_layers=[0], memory_retrieval="ann")
+
+
+@pytest.mark.parametrize("prefill", [1, 5, 16, 100])
+def test_model_generation_equals_the_full_forward(prefill):
+    from longctx.model.generate import generate
+
+    model = _memory_model(memory_layers=[1], memory_retrieval="dense")
+    prompt = _tokens(2, 37)
+    prompt[1, 20] = 256  # a document ends in row 1: memory cleared mid-prompt
+    g = generate(model, prompt, 30, temperature=0, return_logits=True, prefill=prefill)
+    full = model(torch.cat([prompt, g.batch], dim=1))
+    for i, step_logits in enumerate(g.logits):
+        torch.testing.assert_close(step_logits, full[:, 36 + i], atol=1e-10, rtol=0)
+    again = generate(model, prompt, 30, temperature=0, cache="none")
+    assert torch.equal(again.batch, g.batch)
+    assert g.cache_bytes[-1] > 0

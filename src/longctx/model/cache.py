@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..nn.memory import WindowCache
 from ..ops.attention import merge
 from ..ops.dilated import head_offsets
 from .config import ModelConfig
@@ -196,3 +197,28 @@ def _dilated_decode(cfg: ModelConfig, q: Tensor, t: int, branch_keys) -> Tensor:
             lse = lse.new_full((B, H, 1), float("-inf")).index_copy_(1, idx, lse)
         parts.append((o, lse))
     return merge(parts)[0]  # (B, H, 1, D); every head has the rate-1 branch
+
+
+class MemoryDecodeState:
+    """Decoding state of a model with memory layers (``DecoderLM.forward_step``): the
+    memories of memory layers, every layer's cache of the current window (memory layers:
+    :class:`~longctx.nn.memory.WindowCache`; others a full cache of one window), and the
+    window's token ids (for the document-separator rules)."""
+
+    def __init__(self, model, batch: int, dtype, device):
+        cfg = model.cfg
+        W = cfg.memory_window
+        self.memories = model.new_memories(batch, dtype, device)
+        self.windows = [
+            WindowCache(batch, cfg.n_heads, cfg.head_dim, W, dtype, device)
+            if mem is not None
+            else FullKVCache(cfg, batch, W, dtype, device)
+            for mem in self.memories
+        ]
+        self.tokens = torch.zeros(batch, W, dtype=torch.long, device=device)
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        mem = sum(m.nbytes for m in self.memories if m is not None)
+        return mem + sum(w.nbytes for w in self.windows)

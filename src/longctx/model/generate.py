@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..nn.colt5 import ConditionalAttention, ConditionalAttentionCache
-from .cache import DilatedKVCache, FullKVCache, dilated_chunk_multiple
+from .cache import DilatedKVCache, FullKVCache, MemoryDecodeState, dilated_chunk_multiple
 from .lm import DecoderLM
 
 CACHE_POLICIES = ("full", "dilated", "none")
@@ -59,6 +59,9 @@ def prefill_chunk(model: DecoderLM, requested: int = DEFAULT_PREFILL) -> int:
 def make_caches(model: DecoderLM, policy: str, batch: int, capacity: int, dtype, device):
     if policy == "none":
         return None, ""
+    if model.cfg.memory_layers:  # memory, plus a cache of the current window
+        note = "" if policy == "full" else f"cache={policy!r}: memory models keep memory + window"
+        return MemoryDecodeState(model, batch, dtype, device), note
     note = ""
     if policy == "dilated" and model.cfg.attention != "dilated":
         note = (
@@ -111,6 +114,14 @@ def _check_args(policy, max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def _cache_bytes(caches) -> int:
+    if caches is None:
+        return 0
+    if isinstance(caches, MemoryDecodeState):
+        return caches.nbytes
+    return sum(c.nbytes for c in caches)
+
+
 @torch.no_grad()
 def generate(
     model: DecoderLM,
@@ -156,6 +167,13 @@ def generate(
     t0 = time.perf_counter()
     if caches is None:
         logits = model(prompt, last_only=True)[:, -1]
+    elif isinstance(caches, MemoryDecodeState):  # chunks that never cross a window
+        W = model.cfg.memory_window
+        a = 0
+        while a < n:
+            b = min(n, a + min(prefill, W - a % W))
+            logits = model.forward_step(prompt[:, a:b], caches, a, last_only=True)[:, -1]
+            a = b
     else:
         step = prefill_chunk(model, prefill)
         for a in range(0, n, step):
@@ -179,10 +197,12 @@ def generate(
             if caches is None:
                 seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
                 logits = model(seq, last_only=True)[:, -1]
+            elif isinstance(caches, MemoryDecodeState):
+                logits = model.forward_step(nxt.unsqueeze(1), caches, pos, last_only=True)[:, -1]
             else:
                 logits = model(nxt.unsqueeze(1), caches=caches, start=pos, last_only=True)[:, -1]
         result.step_seconds.append(time.perf_counter() - t)
-        result.cache_bytes.append(0 if caches is None else sum(c.nbytes for c in caches))
+        result.cache_bytes.append(_cache_bytes(caches))
         if done:
             result.stopped_by = "stop"
             break

@@ -93,11 +93,13 @@ class Block(nn.Module):
         memory: dict | None = None,
     ):
         """``memory``: for a memory layer, the keyword arguments of MemoryAttention."""
-        h = self.attn_norm(x)
         if memory is not None:
-            x = x + self.attn(h, positions, start=start, **memory)
-        else:
-            x = x + self.attn(h, positions, cache, start)
+            return self.forward_with(x, lambda h: self.attn(h, positions, start=start, **memory))
+        return self.forward_with(x, lambda h: self.attn(h, positions, cache, start))
+
+    def forward_with(self, x: Tensor, attend) -> Tensor:
+        """The block with ``attend(normed x)`` as its attention."""
+        x = x + attend(self.attn_norm(x))
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -218,6 +220,50 @@ class DecoderLM(nn.Module):
         x = outs[-1] if last_only else torch.cat(outs, dim=1)
         x = self.norm(x)
         return F.linear(x, self.embed.weight).float()
+
+    def forward_step(self, tokens: Tensor, state, start: int, last_only: bool = False) -> Tensor:
+        """Decoding for a model with memory layers: tokens (B, n) at start..start+n-1,
+        within one window, continuing ``state`` (``longctx.model.cache.MemoryDecodeState``).
+        When the window completes, its keys/values move into memory (the same rules as
+        the window-by-window forward), so every step equals the full forward."""
+        W = self.cfg.memory_window
+        B, n = tokens.shape
+        off = start % W
+        if start != state.length:
+            raise ValueError(f"the state holds {state.length} positions; got a chunk at {start}")
+        if off + n > W:
+            raise ValueError(f"a chunk must stay within one window of {W}; got {n} at {start}")
+        p0 = start - off
+        pos = torch.arange(start, start + n, device=tokens.device)
+        state.tokens[:, off : off + n] = tokens
+        visible = self.document_rules(state.tokens[:, : off + n])[0][:, off:]
+        x = self.embed(tokens)
+        for block, mem, win in zip(self.blocks, state.memories, state.windows):
+            if mem is not None:
+
+                def attend(h, block=block, mem=mem, win=win):
+                    return block.attn.step(
+                        h, pos, win, mem, window_start=p0, memory_visible=visible
+                    )
+
+            else:
+
+                def attend(h, block=block, win=win):
+                    return block.attn(h, pos, win, off)
+
+            x = block.forward_with(x, attend)
+        state.length = start + n
+        if off + n == W:  # the window is complete: into memory, and a fresh window
+            _, keep, clear = self.document_rules(state.tokens)
+            window_pos = torch.arange(p0, p0 + W, device=tokens.device)
+            for mem, win in zip(state.memories, state.windows):
+                if mem is not None:
+                    win.flush(mem, window_pos, keep, clear)
+                else:
+                    win.length = 0
+        if last_only:
+            x = x[:, -1:]
+        return F.linear(self.norm(x), self.embed.weight).float()
 
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
         """Training objective: mean cross-entropy (nats per token) of predicting targets

@@ -152,6 +152,38 @@ class MemoryStore:
         return store
 
 
+class WindowCache:
+    """The current window's keys and values during decoding (one layer): rotated keys for
+    local attention, the keys as memory stores them, values."""
+
+    def __init__(self, batch: int, heads: int, head_dim: int, window: int, dtype, device):
+        shape = (batch, heads, window, head_dim)
+        self.k_rot = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_mem = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k_rot.nbytes + self.k_mem.nbytes + self.v.nbytes
+
+    def append(self, k_rot: Tensor, k_mem: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self.length, self.length + k_rot.shape[2]
+        if b > self.v.shape[2]:
+            raise ValueError(f"the window holds {self.v.shape[2]} positions; got {b}")
+        self.k_rot[:, :, a:b], self.k_mem[:, :, a:b], self.v[:, :, a:b] = k_rot, k_mem, v
+        self.length = b
+        return self.k_rot[:, :, :b], self.v[:, :, :b]
+
+    def flush(self, memory: MemoryStore, positions: Tensor, keep, clear_rows) -> None:
+        """Move the window into memory (after clearing rows that ended a document)."""
+        n = self.length
+        if clear_rows:
+            memory.clear(clear_rows)
+        memory.add(self.k_mem[:, :, :n], self.v[:, :, :n], positions[:n], keep)
+        self.length = 0
+
+
 def _require_faiss():
     try:
         import faiss  # noqa: F401
@@ -323,6 +355,30 @@ class MemoryAttention(nn.Module):
                 memory.add(k_rot if self.positions == "absolute" else k, v, positions, write_keep)
         return self.proj(y.transpose(1, 2).reshape(B, n, C))
 
+    def step(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        window: WindowCache,
+        memory: MemoryStore,
+        *,
+        window_start: int,
+        memory_visible: Tensor | None = None,
+    ) -> Tensor:
+        """Decoding: x (B, n, C) continues the current window. Its keys join ``window``
+        (written to memory later, by :meth:`flush`); queries attend to the window so far
+        and read the memory, exactly as :meth:`forward` does for the whole window."""
+        B, n, C = x.shape
+        qkv = self.qkv(x).view(B, n, 3, self.n_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, n, D)
+        q_rot = apply_rotary(q, positions, self.rope_base)
+        k_rot = apply_rotary(k, positions, self.rope_base)
+        keys, vals = window.append(k_rot, k if self.positions != "absolute" else k_rot, v)
+        local = ops.attention(q_rot, keys, vals, causal=True, return_lse=True)
+        read = self.read(q, q_rot, positions - window_start, memory, memory_visible)
+        y = ops.merge([local, read])[0]
+        return self.proj(y.transpose(1, 2).reshape(B, n, C))
+
     def read(self, q, q_rot, local_pos, memory: MemoryStore, visible=None):
         """(out, lse) (B, H, n, D) of the queries over the memory."""
         if self.positions == "absolute":
@@ -354,6 +410,7 @@ __all__ = [
     "MEMORY_POSITIONS",
     "RETRIEVALS",
     "MemoryAttention",
+    "WindowCache",
     "MemoryStore",
     "faiss_recall",
     "faiss_search",
