@@ -336,3 +336,87 @@ def test_model_generation_equals_the_full_forward(prefill):
     again = generate(model, prompt, 30, temperature=0, cache="none")
     assert torch.equal(again.batch, g.batch)
     assert g.cache_bytes[-1] > 0
+
+
+# ------------------------------------------------------------------------- crossbatch
+
+
+def test_crossbatch_with_no_negatives_is_the_memory_forward_on_two_windows():
+    model = _memory_model(memory_layers=[1], memory_positions="absolute")
+    t = _tokens(3, 32)
+    torch.testing.assert_close(model.forward_crossbatch(t, 0), model(t), atol=1e-12, rtol=0)
+
+
+def _embedding_grads(model, t, negatives):
+    outs = []
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        outs.append(out)
+
+    handle = model.embed.register_forward_hook(keep)
+    try:
+        logits = model.forward_crossbatch(t, negatives)
+        logits[0, 16:].sum().backward()  # row 0, second window
+    finally:
+        handle.remove()
+    return outs[0].grad  # first window's embeddings (B, 16, C)
+
+
+def test_crossbatch_gradients_reach_the_negatives_memory_keys():
+    model = _memory_model(memory_layers=[1], memory_positions="zero")
+    t = _tokens(3, 32)
+    g0 = _embedding_grads(model, t, 0)
+    assert float(g0[0].abs().sum()) > 0  # the positive: own previous window
+    assert float(g0[1:].abs().sum()) == 0  # no negatives, no gradient to other rows
+    model.zero_grad()
+    g2 = _embedding_grads(model, t, 2)
+    assert float(g2[1].abs().sum()) > 0 and float(g2[2].abs().sum()) > 0
+    # the first window has no memory: negatives change nothing there
+    a, b = model.forward_crossbatch(t, 0), model.forward_crossbatch(t, 2)
+    assert torch.equal(a[:, :16], b[:, :16]) and not torch.allclose(a[:, 16:], b[:, 16:])
+    with pytest.raises(ValueError, match="negatives must be in"):
+        model.forward_crossbatch(t, 3)
+
+
+def test_crossbatch_schedule_and_config_errors():
+    from longctx.train.config import CrossbatchConfig, resolve_config
+
+    cb = CrossbatchConfig(negatives=6, start=1, ramp_steps=10)
+    assert [cb.at(s) for s in (0, 5, 10, 50)] == [1, 3, 6, 6]
+    assert CrossbatchConfig().at(3) is None
+    with pytest.raises(ValueError, match="memory layers"):
+        resolve_config("tiny", None, ["train.crossbatch.negatives=2"])
+    with pytest.raises(ValueError, match="must be < train.batch_size"):
+        resolve_config("tiny", None, ["model.memory_layers=[1]", "train.crossbatch.negatives=16"])
+    with pytest.raises(ValueError, match="start"):
+        CrossbatchConfig(negatives=1, start=2)
+
+
+def test_crossbatch_training_runs_and_logs(tmp_path):
+    import json
+
+    from longctx.train import prepare_run, resolve_config, train
+
+    overrides = [
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.memory_layers=[1]",
+        "model.memory_window=32",
+        "train.context=96",
+        "train.batch_size=4",
+        "train.max_steps=4",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.eval_windows=2",
+        "train.crossbatch.negatives=3",
+        "train.crossbatch.start=1",
+        "train.crossbatch.ramp_steps=3",
+    ]
+    cfg = resolve_config("tiny", None, overrides)
+    prepare_run(tmp_path / "run", cfg, False)
+    result = train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["crossbatch_negatives"] for r in rows if "loss" in r] == [1, 1, 2, 3]
+    assert result.val_bpb == result.val_bpb

@@ -221,6 +221,34 @@ class DecoderLM(nn.Module):
         x = self.norm(x)
         return F.linear(x, self.embed.weight).float()
 
+    def forward_crossbatch(self, tokens: Tensor, negatives: int) -> Tensor:
+        """Training forward of a memory model with crossbatch (Focused Transformer): the
+        input (B, N) is cut into windows; in each window after the first, memory layers
+        attend to the previous window of their own row and of ``negatives`` other rows,
+        with gradients (``MemoryAttention.forward_crossbatch``); no memory store is used.
+        Logits (B, N, vocab)."""
+        W = self.cfg.memory_window
+        previous = [None] * len(self.blocks)
+        outs = []
+        for a in range(0, tokens.shape[1], W):
+            chunk = tokens[:, a : a + W]
+            pos = torch.arange(a, a + chunk.shape[1], device=tokens.device)
+            x = self.embed(chunk)
+            for i, block in enumerate(self.blocks):
+                if isinstance(block.attn, MemoryAttention):
+
+                    def attend(h, i=i, block=block, pos=pos, a=a):
+                        y, previous[i] = block.attn.forward_crossbatch(
+                            h, pos, previous[i], negatives, window_start=a
+                        )
+                        return y
+
+                    x = block.forward_with(x, attend)
+                else:
+                    x = block(x, pos, None, a)
+            outs.append(x)
+        return F.linear(self.norm(torch.cat(outs, dim=1)), self.embed.weight).float()
+
     def forward_step(self, tokens: Tensor, state, start: int, last_only: bool = False) -> Tensor:
         """Decoding for a model with memory layers: tokens (B, n) at start..start+n-1,
         within one window, continuing ``state`` (``longctx.model.cache.MemoryDecodeState``).
@@ -271,9 +299,15 @@ class DecoderLM(nn.Module):
         lm, aux = self.loss_parts(tokens, targets)
         return lm if aux is None else lm + self.cfg.colt5_aux_weight * aux
 
-    def loss_parts(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(cross-entropy, summed router auxiliary loss or None without causal routers)."""
-        logits = self(tokens)
+    def loss_parts(
+        self, tokens: Tensor, targets: Tensor, crossbatch: int | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(cross-entropy, summed router auxiliary loss or None without causal routers).
+        ``crossbatch``: negatives per window for a memory model's crossbatch training."""
+        if crossbatch is not None and self.cfg.memory_layers:
+            logits = self.forward_crossbatch(tokens, crossbatch)
+        else:
+            logits = self(tokens)
         lm = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
         aux = [r.aux_loss for r in self.routers().values() if r.aux_loss is not None]
         return lm, (torch.stack(aux).sum() if aux else None)

@@ -355,6 +355,51 @@ class MemoryAttention(nn.Module):
                 memory.add(k_rot if self.positions == "absolute" else k, v, positions, write_keep)
         return self.proj(y.transpose(1, 2).reshape(B, n, C))
 
+    def forward_crossbatch(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        previous: tuple[Tensor, Tensor] | None,
+        negatives: int,
+        *,
+        window_start: int,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Crossbatch training (Focused Transformer): queries of window x (B, n, C) attend
+        to their causal window and, in the same softmax, to the previous window of their
+        own row (positive) and of the next ``negatives`` rows (cyclically; negatives from
+        other documents), with gradients through all of those keys and values. Returns
+        (output, this window's (memory keys, values)) for the next window."""
+        B, n, C = x.shape
+        if not 0 <= negatives < B:
+            raise ValueError(
+                f"crossbatch negatives must be in [0, batch - 1 = {B - 1}], got {negatives}"
+            )
+        qkv = self.qkv(x).view(B, n, 3, self.n_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, n, D)
+        q_rot = apply_rotary(q, positions, self.rope_base)
+        k_rot = apply_rotary(k, positions, self.rope_base)
+        local = ops.attention(q_rot, k_rot, v, causal=True, return_lse=True)
+        k_mem = k_rot if self.positions == "absolute" else k
+        if previous is None:
+            y = local[0]
+        else:
+            pk, pv = previous  # (B, H, m, D)
+            rows = (
+                torch.arange(B, device=x.device).unsqueeze(-1)
+                + torch.arange(negatives + 1, device=x.device)
+            ) % B
+            mk = pk[rows].transpose(1, 2).flatten(2, 3)  # (B, H, (d) * m, D): own row first
+            mv = pv[rows].transpose(1, 2).flatten(2, 3)
+            if self.positions == "absolute":
+                qm = q_rot
+            elif self.positions == "zero":
+                qm = apply_rotary(q, positions - window_start, self.rope_base)
+            else:
+                qm = q
+            read = ops.attention(qm, mk, mv, return_lse=True)
+            y = ops.merge([local, read])[0]
+        return self.proj(y.transpose(1, 2).reshape(B, n, C)), (k_mem, v)
+
     def step(
         self,
         x: Tensor,

@@ -15,6 +15,35 @@ DEFAULT_PRESET = "tiny"
 
 
 @dataclass
+class CrossbatchConfig:
+    """Crossbatch training of memory layers (Focused Transformer): in each window, memory
+    layers also attend to the previous window of ``negatives`` other batch rows. The
+    count grows linearly from ``start`` to ``negatives`` over ``ramp_steps`` steps
+    (FoT's schedule: start small, then raise it). negatives = 0: off."""
+
+    negatives: int = 0
+    start: int = 0
+    ramp_steps: int = 0
+
+    def __post_init__(self):
+        for name in ("negatives", "start", "ramp_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.crossbatch.{name} must be >= 0, got {getattr(self, name)}")
+        if self.start > self.negatives:
+            raise ValueError(
+                f"train.crossbatch.start ({self.start}) must be <= negatives ({self.negatives})"
+            )
+
+    def at(self, step: int) -> int | None:
+        """Negatives at a step, or None when crossbatch is off."""
+        if self.negatives == 0:
+            return None
+        if self.ramp_steps == 0 or step >= self.ramp_steps:
+            return self.negatives
+        return self.start + (self.negatives - self.start) * step // self.ramp_steps
+
+
+@dataclass
 class TrainConfig:
     context: int = 512  # tokens per training sequence
     batch_size: int = 16
@@ -37,6 +66,7 @@ class TrainConfig:
     save_every: int = 250
     keep_checkpoints: int = 2
     threads: int = 0  # 0 = torch's default
+    crossbatch: CrossbatchConfig = field(default_factory=CrossbatchConfig)
 
     def __post_init__(self):
         positive = (
@@ -83,6 +113,16 @@ class RunConfig:
             raise ValueError(
                 f"model.vocab_size must be >= {VOCAB_SIZE} (256 bytes + specials), "
                 f"got {self.model.vocab_size}"
+            )
+        cb = self.train.crossbatch
+        if cb.negatives and not self.model.memory_layers:
+            raise ValueError(
+                "train.crossbatch needs a model with memory layers (model.memory_layers)"
+            )
+        if cb.negatives >= self.train.batch_size:
+            raise ValueError(
+                f"train.crossbatch.negatives ({cb.negatives}) must be < train.batch_size "
+                f"({self.train.batch_size}): negatives are other rows of the batch"
             )
 
     @classmethod

@@ -262,6 +262,7 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress, par) -> TrainResu
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum, aux_sum = 0.0, None
+            negatives = tc.crossbatch.at(step)  # memory models: crossbatch negatives
             for micro in range(tc.grad_accum):
                 index = (
                     step * tc.grad_accum + micro
@@ -271,7 +272,7 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress, par) -> TrainResu
                 x, y = sample_batch(corpus.train, tc.batch_size, tc.context, tc.seed, index)
                 with autocast:
                     if par is None:
-                        lm, aux = model.loss_parts(x, y)
+                        lm, aux = model.loss_parts(x, y, crossbatch=negatives)
                     else:
                         lm, aux = par.local_loss(model, x, y), None
                     loss = lm if aux is None else lm + model.cfg.colt5_aux_weight * aux
@@ -312,6 +313,8 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress, par) -> TrainResu
                     "tokens_per_s": tok_s,
                     "elapsed_s": now - start_time,
                 }
+                if negatives is not None:
+                    row["crossbatch_negatives"] = negatives
                 routed = model.routed_fractions()
                 if routed:  # CoLT5: the fraction each router sent to its heavy branch
                     row["router_aux_loss"] = aux_sum
