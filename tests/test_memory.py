@@ -420,3 +420,94 @@ def test_crossbatch_training_runs_and_logs(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["crossbatch_negatives"] for r in rows if "loss" in r] == [1, 1, 2, 3]
     assert result.val_bpb == result.val_bpb
+
+
+# ------------------------------------------------------------------- retrieval tasks
+
+
+def test_task_examples_have_exact_lengths_and_answers():
+    import random
+
+    from longctx.data.tasks import make_example
+    from longctx.data.tokenizer import decode
+
+    rng = random.Random(0)
+    for task in ("passkey", "kv-retrieval"):
+        for length in (120, 1000, 4097):
+            for depth in (0.0, 0.5, 1.0):
+                e = make_example(task, length, depth, rng)
+                assert len(e.prompt) + len(e.answer) == length
+                text, answer = decode(e.prompt), decode(e.answer)
+                if task == "passkey":
+                    assert f"pass key is {answer}." in text and text.endswith("pass key is ")
+                else:
+                    key = text[-5:-1]
+                    assert text.count(f"{key}=") == 2 and f"{key}={answer};" in text
+                assert abs(e.depth - depth) < 0.1 or length < 200
+    with pytest.raises(ValueError, match="must be >= "):
+        make_example("passkey", 50, 0.5, rng)
+    with pytest.raises(ValueError, match="unknown task"):
+        make_example("needle", 100, 0.5, rng)
+    with pytest.raises(ValueError, match="depth"):
+        make_example("passkey", 1000, 1.5, rng)
+
+
+def test_wilson_interval():
+    from longctx.evaluate.retrieval import wilson_interval
+
+    lo, hi = wilson_interval(95, 100)
+    assert 0.8872 < lo < 0.8884 and 0.9780 < hi < 0.9792  # 0.8882, 0.9785
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] > 1 - 1e-12
+
+
+def test_exact_match_accepts_exactly_the_greedy_answer():
+    from longctx.data.tasks import Example
+    from longctx.evaluate.retrieval import exact_matches
+
+    class Copy(torch.nn.Module):  # predicts "the next token is the current token + 1"
+        embed = torch.nn.Embedding(300, 1)
+
+        def forward(self, tokens):
+            return torch.nn.functional.one_hot((tokens + 1) % 300, 300).float()
+
+    model = Copy()
+    good = Example(prompt=[5, 6, 7], answer=[8, 9], depth=0)
+    bad = Example(prompt=[5, 6, 7], answer=[8, 10], depth=0)
+    assert exact_matches(model, [good, bad]) == [True, False]
+
+
+def test_retrieval_eval_cli_writes_json_and_heatmap(tmp_path, capsys):
+    import json
+
+    from longctx import cli
+    from longctx.train import prepare_run, resolve_config, train
+
+    cfg = resolve_config(
+        "tiny",
+        None,
+        [
+            "model.d_model=32",
+            "model.n_layers=2",
+            "model.n_heads=2",
+            "model.memory_layers=[1]",
+            "model.memory_window=64",
+            "train.context=64",
+            "train.batch_size=2",
+            "train.max_steps=1",
+            "train.eval_windows=2",
+        ],
+    )
+    prepare_run(tmp_path / "run", cfg, False)
+    train(cfg, tmp_path / "run", progress=False)
+    argv = ["eval", str(tmp_path / "run"), "--task", "kv-retrieval", "--lengths", "64,200"]
+    assert cli.main([*argv, "--depths", "0,1", "--trials", "3"]) == 0
+    out = json.loads((tmp_path / "run" / "eval" / "kv_retrieval.json").read_text())
+    assert [(c["length"], c["depth"], c["trials"]) for c in out["cells"]] == [
+        (64, 0.0, 3),
+        (64, 1.0, 3),
+        (200, 0.0, 3),
+        (200, 1.0, 3),
+    ]
+    assert all(0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1] <= 1 for c in out["cells"])
+    assert (tmp_path / "run" / "eval" / "kv_retrieval.png").stat().st_size > 1000
+    assert "95% Wilson interval" in capsys.readouterr().out

@@ -181,8 +181,41 @@ def _print_eval(res: dict) -> None:
 def _eval(args) -> int:
     from .evaluate import evaluate_run
 
+    if args.task != "bpb":
+        return _eval_retrieval(args)
     contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else None
     _print_eval(evaluate_run(Path(args.run_dir), contexts=contexts, windows=args.windows))
+    return 0
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{flag} is empty")
+    return values
+
+
+def _eval_retrieval(args) -> int:
+    from .evaluate.retrieval import evaluate_retrieval, write_results
+    from .model.checkpoint import latest_checkpoint, load_model
+
+    run_dir = Path(args.run_dir)
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    model, _ = load_model(ckpt)
+    lengths = _numbers(args.lengths, int, "--lengths")
+    depths = _numbers(args.depths, float, "--depths")
+    result = evaluate_retrieval(model, args.task, lengths, depths, args.trials, seed=args.seed)
+    result["checkpoint"] = str(ckpt)
+    js, png = write_results(result, run_dir / "eval", f"{args.task}: {run_dir.name}")
+    print(f"\n{args.task} exact match ({args.trials} trials per cell, 95% Wilson interval):")
+    for length, r in result["by_length"].items():
+        lo, hi = r["ci95"]
+        acc = f"{r['accuracy']:.1%} [{lo:.1%}, {hi:.1%}]"
+        print(f"  context {int(length):>7,}: {acc} ({r['trials']} trials)")
+    print(f"  results: {js}\n  heatmap: {png}")
     return 0
 
 
@@ -276,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated context lengths (default: 1x, 2x, 4x the training context)",
     )
     p.add_argument("--windows", type=int, default=64, help="validation windows per context")
+    p.add_argument(
+        "--task",
+        choices=["bpb", "passkey", "kv-retrieval"],
+        default="bpb",
+        help="bpb (default), or a retrieval task swept over --lengths x --depths",
+    )
+    p.add_argument("--lengths", default="1024,4096,16384", help="retrieval: context lengths")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="retrieval: needle depths")
+    p.add_argument("--trials", type=int, default=20, help="retrieval: trials per cell")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("info", help="a run's config, parameter count and FLOPs per token")
