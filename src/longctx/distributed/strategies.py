@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import ops
 from ..ops._blockwise import run_plan
-from ..ops._kernels import attn_bwd, attn_fwd, compute_dtype, merge_into
+from ..ops._kernels import accumulate_tile_grads, attn_fwd, compute_dtype, merge_into
 from ..ops._validate import check_qkv, resolve_scale
 from ..ops.dilated import check_branches, check_coverage, head_offsets, plan_dilated
 from .comm import GroupAllGather, HeadsToSeq, PendingExchange, SeqToHeads, SPGroup, ring_exchange
@@ -136,22 +136,11 @@ class _Ring(torch.autograd.Function):
             src = (sp.rank - step) % P
             kb = blk[..., :D].to(k.dtype)
             vb = blk[..., D : D + Dv].to(v.dtype)
+            grads = (dq, blk[..., D + Dv : 2 * D + Dv], blk[..., 2 * D + Dv :])  # views
             for rq, rk, diag in _ring_tiles(mine, chunk_ids(src, P, ctx.layout), c, ctx.causal):
-                g = attn_bwd(
-                    q[:, :, rq],
-                    kb[:, :, rk],
-                    vb[:, :, rk],
-                    out[:, :, rq],
-                    lse[:, :, rq],
-                    dout[:, :, rq],
-                    None if dlse is None else dlse[:, :, rq],
-                    ctx.scale,
-                    diag,
-                    None,
+                accumulate_tile_grads(
+                    grads, q, kb, vb, out, lse, dout, dlse, rq, rk, ctx.scale, diag, None
                 )
-                dq[:, :, rq] += g[0]
-                blk[:, :, rk, D + Dv : 2 * D + Dv] += g[1]
-                blk[:, :, rk, 2 * D + Dv :] += g[2]
             if step < P - 1:
                 blk = ring_exchange(blk, sp, "ring_kv_grad")
         # one more hop brings each block's dk, dv home to its owner

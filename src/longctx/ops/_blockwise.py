@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._kernels import attn_bwd, attn_fwd, compute_dtype, merge_into
+from ._kernels import accumulate_tile_grads, attn_fwd, compute_dtype, merge_into
 
 Selector = Callable[[Tensor], Tensor]
 
@@ -213,21 +213,9 @@ def _backward(q, k, v, out, lse, dout, dlse, plan: Sequence[Block], scale: float
         for tl in blk.all_tiles():
             causal, bias = blk.kernel_mask(tl, q.dtype, q.device)
             rq, rk = slice(tl.q0, tl.q1), slice(tl.k0, tl.k1)
-            g = attn_bwd(
-                qb[:, :, rq],
-                kb[:, :, rk],
-                vb[:, :, rk],
-                ob[:, :, rq],
-                lb[:, :, rq],
-                dob[:, :, rq],
-                None if dlb is None else dlb[:, :, rq],
-                scale,
-                causal,
-                bias,
+            accumulate_tile_grads(
+                (dqb, dkb, dvb), qb, kb, vb, ob, lb, dob, dlb, rq, rk, scale, causal, bias
             )
-            dqb[:, :, rq] += g[0]
-            dkb[:, :, rk] += g[1]
-            dvb[:, :, rk] += g[2]
         for full, part in ((dq, dqb), (dk, dkb), (dv, dvb)):
             view = (blk.qsel if full is dq else blk.ksel)(full)
             view += part.view(view.shape)

@@ -196,6 +196,40 @@ def _manual_bwd(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def accumulate_tile_grads(
+    grads: tuple[Tensor, Tensor, Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dout: Tensor,
+    dlse: Tensor | None,
+    rq: slice,
+    rk: slice,
+    scale: float,
+    causal: bool,
+    bias: Tensor | None,
+) -> None:
+    """Backward of one tile (query rows rq against key rows rk), added in place into
+    ``grads`` = (dq, dk, dv) (tensors or views laid out like q, k, v)."""
+    g = attn_bwd(
+        q[:, :, rq],
+        k[:, :, rk],
+        v[:, :, rk],
+        out[:, :, rq],
+        lse[:, :, rq],
+        dout[:, :, rq],
+        None if dlse is None else dlse[:, :, rq],
+        scale,
+        causal,
+        bias,
+    )
+    grads[0][:, :, rq] += g[0]
+    grads[1][:, :, rk] += g[1]
+    grads[2][:, :, rk] += g[2]
+
+
 def merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
     """In place: (acc_out, acc_lse) <- merge((acc_out, acc_lse), (out, lse)).
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._kernels import attn_bwd, attn_fwd, compute_dtype
+from ._kernels import accumulate_tile_grads, attn_fwd, compute_dtype
 from ._validate import check_qkv, optional_int, resolve_scale
 
 # (q0, q1, k0, k1): query rows q0..q1 see (some of) key rows k0..k1 and no other key.
@@ -56,21 +56,9 @@ def _backward(q, k, v, out, lse, dout, dlse, tiles, mask_fn, scale):
     for q0, q1, k0, k1 in tiles:
         bias = _bias(mask_fn(q0, q1, k0, k1), q.dtype)
         rq, rk = slice(q0, q1), slice(k0, k1)
-        g = attn_bwd(
-            q[:, :, rq],
-            k[:, :, rk],
-            v[:, :, rk],
-            out[:, :, rq],
-            lse[:, :, rq],
-            dout[:, :, rq],
-            None if dlse is None else dlse[:, :, rq],
-            scale,
-            False,
-            bias,
+        accumulate_tile_grads(
+            (dq, dk, dv), q, k, v, out, lse, dout, dlse, rq, rk, scale, False, bias
         )
-        dq[:, :, rq] += g[0]
-        dk[:, :, rk] += g[1]
-        dv[:, :, rk] += g[2]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
