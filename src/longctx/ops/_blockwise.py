@@ -62,6 +62,9 @@ class Block:
     # kernel heads per batch row ((head, segment) groups); None = all heads of the input
     groups: int | None = None
     tiles: tuple[Tile, ...] | None = None
+    # an explicit mask instead of the position rule: tile (q0, q1, k0, k1) -> bool
+    # broadcastable to (B, G, rows, cols) (True = visible), or None (all visible)
+    mask_fn: Callable[[int, int, int, int], Tensor | None] | None = None
 
     def all_tiles(self) -> tuple[Tile, ...]:
         return self.tiles if self.tiles is not None else (Tile(0, self.lq, 0, self.lk),)
@@ -87,8 +90,15 @@ class Block:
         """(top-left causal flag for the kernel, additive bias or None) for one tile.
 
         Decided from the tile's position ranges, so a tile that needs no mask (all pairs
-        visible, or exactly top-left causal) never builds one.
+        visible, or exactly top-left causal) never builds one; a block with ``mask_fn``
+        uses that mask instead.
         """
+        if self.mask_fn is not None:
+            mask = self.mask_fn(tile.q0, tile.q1, tile.k0, tile.k1)
+            if mask is None:
+                return False, None
+            bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+            return False, bias.masked_fill_(~mask, float("-inf"))
         delta = self._delta(tile)
         cols = tile.k1 - tile.k0
         # largest position gap (query - key) among the tile's causally visible pairs,

@@ -5,8 +5,9 @@ attention, where queries and keys are scattered subsets of the sequence with per
 positions, and key padding. Each tile is a range of query rows against one range of key
 rows (everything outside the range is invisible to those queries), so a tile's (out, lse)
 is final and no merge is needed. The mask of a tile is built only when that tile runs, so
-memory is one tile's mask and scores beyond the output. Gradients are exact (the
-flash-attention backward against the saved out and lse, also through lse).
+memory is one tile's mask and scores beyond the output. Each tile is a block of a plan
+with an explicit mask, so the plan runner's autograd Function gives exact gradients
+(also through lse).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ._kernels import accumulate_tile_grads, attn_fwd, compute_dtype
+from ._blockwise import Block, run_plan
 from ._validate import check_qkv, optional_int, resolve_scale
+from .attention import rows
 
 # (q0, q1, k0, k1): query rows q0..q1 see (some of) key rows k0..k1 and no other key.
 TileRange = tuple[int, int, int, int]
@@ -26,61 +27,6 @@ TileRange = tuple[int, int, int, int]
 MaskFn = Callable[[int, int, int, int], "Tensor | None"]
 # score elements per tile (batch x heads x rows x keys) that the planner aims for
 TILE_ELEMS = 1 << 22
-
-
-def _bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    if mask is None:
-        return None
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return bias.masked_fill_(~mask, float("-inf"))
-
-
-def _forward(q, k, v, tiles, mask_fn, scale):
-    B, H, Nq, _ = q.shape
-    acc = compute_dtype(q.dtype)
-    out = q.new_zeros(B, H, Nq, v.shape[-1])
-    lse = q.new_full((B, H, Nq), float("-inf"), dtype=acc)
-    for q0, q1, k0, k1 in tiles:
-        bias = _bias(mask_fn(q0, q1, k0, k1), q.dtype)
-        o, lb = attn_fwd(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], scale, False, bias)
-        out[:, :, q0:q1] = o
-        lse[:, :, q0:q1] = lb
-    return out, lse
-
-
-def _backward(q, k, v, out, lse, dout, dlse, tiles, mask_fn, scale):
-    acc = compute_dtype(q.dtype)
-    dq = torch.zeros_like(q, dtype=acc)
-    dk = torch.zeros_like(k, dtype=acc)
-    dv = torch.zeros_like(v, dtype=acc)
-    for q0, q1, k0, k1 in tiles:
-        bias = _bias(mask_fn(q0, q1, k0, k1), q.dtype)
-        rq, rk = slice(q0, q1), slice(k0, k1)
-        accumulate_tile_grads(
-            (dq, dk, dv), q, k, v, out, lse, dout, dlse, rq, rk, scale, False, bias
-        )
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-class _TiledMaskedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, tiles, mask_fn, scale):
-        out, lse = _forward(q, k, v, tiles, mask_fn, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.tiles, ctx.mask_fn, ctx.scale = tiles, mask_fn, scale
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(
-            q, k, v, out, lse, dout.contiguous(), dlse, ctx.tiles, ctx.mask_fn, ctx.scale
-        )
-        return dq, dk, dv, None, None, None
 
 
 def query_rows_per_tile(batch: int, heads: int, keys: int) -> int:
@@ -96,8 +42,19 @@ def tiled_masked_attention(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) where query rows of each tile attend the tile's key range under
-    ``mask_fn``; rows in no tile get out = 0, lse = -inf. Tiles must not share query rows."""
-    return _TiledMaskedAttention.apply(q, k, v, tuple(tiles), mask_fn, scale)
+    ``mask_fn``; rows in no tile get out = 0, lse = -inf. Tiles must not share query rows.
+    Each tile is one block of a plan (``_blockwise``), run by the plan runner."""
+    plan = [
+        Block(
+            rows(q0, q1),
+            rows(k0, k1),
+            lq=q1 - q0,
+            lk=k1 - k0,
+            mask_fn=lambda a, b, c, d, q0=q0, k0=k0: mask_fn(q0 + a, q0 + b, k0 + c, k0 + d),
+        )
+        for q0, q1, k0, k1 in tiles
+    ]
+    return run_plan(q, k, v, plan, scale)
 
 
 def _check_mask(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
