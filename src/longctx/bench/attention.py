@@ -13,7 +13,6 @@ masked or skipped work is not credited. The fp32 matmul peak is measured in the 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Callable
@@ -183,16 +182,9 @@ def run(args) -> list[dict]:
         desc="bench attention",
     )
 
-    measured = [r for r in rows if r["status"] == "ok"]
-    print()
-    print(format_results(rows))
-    summary = summarize(rows, peak)
-    common.write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
-    for line in summary["lines"]:
-        print(line)
-    if measured:
-        png = plot(rows, out_dir / "attention.png", info, peak)
-        print(f"\nwrote {results_path}, {out_dir / 'summary.json'} and {png}")
+    measured = any(r["status"] == "ok" for r in rows)
+    draw = (lambda: plot(rows, out_dir / "attention.png", info, peak)) if measured else None
+    common.report(format_results(rows), summarize(rows, peak), out_dir, results_path, draw)
     return rows
 
 

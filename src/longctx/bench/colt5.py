@@ -18,7 +18,6 @@ at the routed counts actually measured.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -187,15 +186,10 @@ def run(args) -> list[dict]:
         results=results,
         desc="bench colt5",
     )
-    summary = summarize(rows)
-    print()
-    print(common.format_table(rows, COLUMNS))
-    common.write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
-    for line in summary["lines"]:
-        print(line)
-    if any(r["status"] == "ok" for r in rows):
-        png = plot(rows, out_dir / "colt5.png", info)
-        print(f"\nwrote {results}, {out_dir / 'summary.json'} and {png}")
+    summary = summarize(rows)  # adds the speedup columns to the rows
+    measured = any(r["status"] == "ok" for r in rows)
+    draw = (lambda: plot(rows, out_dir / "colt5.png", info)) if measured else None
+    common.report(common.format_table(rows, COLUMNS), summary, out_dir, results, draw)
     return rows
 
 

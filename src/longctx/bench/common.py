@@ -180,6 +180,25 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def report(
+    table: str,
+    summary: dict,
+    out_dir: Path,
+    results: Path,
+    plot: Callable[[], Path] | None,
+) -> None:
+    """The end of every benchmark: print the table, write summary.json and print its
+    ``lines``, then draw the plot (``plot`` is None when nothing was measured)."""
+    print()
+    print(table)
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    for line in summary["lines"]:
+        print(line)
+    if plot is not None:
+        png = plot()
+        print(f"\nwrote {results}, {out_dir / 'summary.json'} and {png}")
+
+
 def append_jsonl(path: Path, row: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")

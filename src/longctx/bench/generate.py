@@ -11,7 +11,6 @@ predicted time exceeds ``--budget`` seconds is recorded as skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -81,14 +80,9 @@ def run(args) -> list[dict]:
         results=results,
         desc="bench generate",
     )
-    print()
-    print(common.format_table(rows, COLUMNS))
-    summary = summarize(rows)
-    common.write_atomic(args.out / "summary.json", json.dumps(summary, indent=2).encode())
-    for line in summary["lines"]:
-        print(line)
-    if any(r["status"] == "ok" for r in rows):
-        png = common.plot_sweep(
+
+    def draw():
+        return common.plot_sweep(
             rows,
             args.out / "generate.png",
             x="context",
@@ -97,7 +91,10 @@ def run(args) -> list[dict]:
             series=lambda r: (r["policy"], r["policy"], False),
             title=f"decoding, {args.preset} architecture ({cfg.attention}), on {info['cpu']}",
         )
-        print(f"\nwrote {results}, {args.out / 'summary.json'} and {png}")
+
+    measured = any(r["status"] == "ok" for r in rows)
+    table = common.format_table(rows, COLUMNS)
+    common.report(table, summarize(rows), args.out, results, draw if measured else None)
     return rows
 
 

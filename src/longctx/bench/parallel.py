@@ -22,7 +22,6 @@ overheads, not a cluster's.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -178,14 +177,8 @@ def run(args) -> list[dict]:
             row["mib_per_rank"] = row["bytes_per_rank"] / 2**20
             rows.append(row)
             common.append_jsonl(results, row)
-    summary = summarize(rows)
-    print()
-    print(common.format_table(rows, COLUMNS))
-    common.write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
-    for line in summary["lines"]:
-        print(line)
-    png = plot(rows, out_dir / "parallel.png", info)
-    print(f"\nwrote {results}, {out_dir / 'summary.json'} and {png}")
+    draw = lambda: plot(rows, out_dir / "parallel.png", info)  # noqa: E731
+    common.report(common.format_table(rows, COLUMNS), summarize(rows), out_dir, results, draw)
     return rows
 
 

@@ -10,7 +10,6 @@ prediction), which is how the dense model's quadratic cost shows at long context
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -95,15 +94,9 @@ def run(args) -> list[dict]:
         results=results,
         desc="bench train",
     )
-    print()
-    print(common.format_table(rows, COLUMNS))
-    summary = summarize(rows)
-    common.write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
-    for line in summary["lines"]:
-        print(line)
-    if any(r["status"] == "ok" for r in rows):
-        png = plot(rows, out_dir / "train.png", info)
-        print(f"\nwrote {results}, {out_dir / 'summary.json'} and {png}")
+    measured = any(r["status"] == "ok" for r in rows)
+    draw = (lambda: plot(rows, out_dir / "train.png", info)) if measured else None
+    common.report(common.format_table(rows, COLUMNS), summarize(rows), out_dir, results, draw)
     return rows
 
 
