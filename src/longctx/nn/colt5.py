@@ -231,7 +231,7 @@ class Router(nn.Module):
             gate = torch.sigmoid(s)
             weights = gate.gather(-1, indices) * valid
             if torch.is_grad_enabled():
-                target = _topk_membership(s.detach(), self.num_routed_causal(n_valid), valid_tok)
+                target = _topk_membership(s.detach(), self.num_routed(n_valid), valid_tok)
                 bce = F.binary_cross_entropy_with_logits(s, target.to(s.dtype), reduction="none")
                 self.aux_loss = (bce * valid_tok).sum() / valid_tok.sum().clamp_min(1)
             else:
@@ -251,10 +251,6 @@ class Router(nn.Module):
             weights = lam.gather(-1, indices) * valid
         self.routed_fraction = (valid.sum() / n_valid.sum().clamp_min(1)).detach()
         return Routing(indices, weights, valid, s)
-
-    def num_routed_causal(self, n: Tensor) -> Tensor:
-        """The aux loss's top-k size per row: ceil(capacity * n)."""
-        return torch.ceil(n.to(torch.float64) * float(self.capacity)).long()
 
 
 def _check_padding_mask(mask: Tensor | None, B: int, N: int, device) -> Tensor:
