@@ -1,6 +1,7 @@
 """Memory attention and its store (longctx.nn.memory; SPEC section 4)."""
 
 import builtins
+import json
 
 import pytest
 import torch
@@ -511,3 +512,119 @@ def test_retrieval_eval_cli_writes_json_and_heatmap(tmp_path, capsys):
     assert all(0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1] <= 1 for c in out["cells"])
     assert (tmp_path / "run" / "eval" / "kv_retrieval.png").stat().st_size > 1000
     assert "95% Wilson interval" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------- kv-retrieval training data
+
+
+@pytest.mark.parametrize("targets", ["answer", "question"])
+def test_kv_training_example_targets_are_the_questions_values(targets):
+    import random
+
+    from longctx.data.tasks import kv_training_example
+
+    x, y = kv_training_example(300, 64, random.Random(1), targets=targets)
+    assert len(x) == len(y) == 300
+    text = bytes(x).decode()
+    records = dict(r.split("=") for r in text.split(";")[:-1] if r and r[0] != "?" and "=" in r)
+    questions = [i for i, c in enumerate(text) if c == "?"]
+    assert questions and min(questions) >= 64  # none in the first window
+    marked = sorted(j for j in range(300) if y[j] >= 0)
+    expected = []
+    for i in questions:
+        if i + 10 > 300:
+            continue
+        key, value = text[i + 1 : i + 5], text[i + 6 : i + 10]
+        assert records[key] == value  # a question repeats an earlier record
+        first = i + 1 if targets == "question" else i + 5  # y[t] is the token at t + 1
+        expected += list(range(first, i + 9))
+        for j in range(first, i + 9):
+            assert y[j] == x[j + 1]
+    assert marked[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("local", [0.0, 1.0])
+def test_kv_training_questions_come_from_memory_or_the_local_window(local):
+    import random
+
+    from longctx.data.tasks import kv_training_example
+
+    W = 64
+    for seed in range(5):
+        x, _ = kv_training_example(256, W, random.Random(seed), local_fraction=local)
+        text = bytes(x).decode()
+        starts, i = [], 0  # record starts, scanning item by item
+        while i < len(text):
+            if text[i] == "?":
+                if i + 5 <= len(text):
+                    where = text.index(text[i + 1 : i + 5] + "=")  # the record
+                    near = [s for s in starts if s >= i - W]
+                    far = [s for s in starts if s < i - W]
+                    if near if local else far:  # else any record (nothing to choose)
+                        assert (where >= i - W) == bool(local)
+                i += 11
+            else:
+                starts.append(i)
+                i += 10
+
+
+def test_task_data_is_deterministic_and_checks_its_options():
+    from longctx.data import DataConfig
+    from longctx.data.tasks import TaskData, kv_training_example, task_source
+
+    data = TaskData("kv-retrieval", 32)
+    a, b = data.batch(3, 96, 0, 5), data.batch(3, 96, 0, 5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], data.batch(3, 96, 0, 6)[0])
+    assert a[0].shape == a[1].shape == (3, 96) and a[0].dtype == torch.int64
+    assert 3.0 < data.chance_bits(256) < 3.33  # digits: about log2(10) bits
+    assert task_source("task:kv-retrieval") == "kv-retrieval" and task_source("stdlib") is None
+    with pytest.raises(ValueError, match="trainable tasks"):
+        TaskData("passkey", 32)
+    with pytest.raises(ValueError, match="window"):
+        kv_training_example(64, 64, __import__("random").Random(0))
+    with pytest.raises(ValueError, match="targets"):
+        kv_training_example(128, 64, __import__("random").Random(0), targets="all")
+    with pytest.raises(ValueError, match="task_local"):
+        DataConfig(task_local=1.5)
+    with pytest.raises(ValueError, match="task_targets"):
+        DataConfig(task_targets="everything")
+
+
+def test_training_on_the_kv_task_source(tmp_path, capsys):
+    from longctx import cli
+    from longctx.evaluate import evaluate_run
+    from longctx.train import prepare_run, resolve_config, train
+
+    cfg = resolve_config(
+        "memory-tiny",
+        None,
+        [
+            "model.d_model=32",
+            "model.n_layers=2",
+            "model.n_heads=2",
+            "model.memory_window=32",
+            "train.context=64",
+            "train.batch_size=4",
+            "train.max_steps=3",
+            "train.max_minutes=0",
+            "train.eval_windows=4",
+            "train.crossbatch.negatives=2",
+            "train.crossbatch.ramp_steps=2",
+            "train.log_every=1",
+        ],
+    )
+    run = tmp_path / "run"
+    prepare_run(run, cfg, False)
+    result = train(cfg, run, progress=False)
+    assert result.step == 3 and result.unit == "bits/target token"
+    assert 0 < result.val_bpb < 20 and 3.0 < result.unigram_bpb < 5.0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = [cfg.train.crossbatch.at(s) for s in range(3)]
+    assert expected[-1] == 2
+    assert [r.get("crossbatch_negatives") for r in rows if "loss" in r] == expected
+    with pytest.raises(ValueError, match="--task kv-retrieval"):
+        evaluate_run(run)
+    cli._after_training_eval(run, trials=2)  # a short kv-retrieval evaluation, not bits per byte
+    assert "kv-retrieval exact match" in capsys.readouterr().out
+    assert (run / "eval" / "kv_retrieval.json").exists()

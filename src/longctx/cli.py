@@ -49,7 +49,6 @@ def _run_bench(args) -> int:
 
 
 def _train(args) -> int:
-    from .evaluate import evaluate_run
     from .train import prepare_run, resolve_config, train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -66,7 +65,7 @@ def _train(args) -> int:
     result = train(cfg, run_dir, resume=args.resume, checkpoint=args.checkpoint)
     rc = _report(result, run_dir)
     if rc == 0 and not args.no_eval:
-        _print_eval(evaluate_run(run_dir))
+        _after_training_eval(run_dir)
     return rc
 
 
@@ -92,8 +91,9 @@ def _report(result, run_dir: Path) -> int:
         print(f"continue with: longctx train --resume --out {run_dir}")
         return 130
     print(
-        f"validation: {result.val_bpb:.3f} bits/byte "
-        f"(unigram baseline {result.unigram_bpb:.3f} bits/byte)"
+        f"validation: {result.val_bpb:.3f} {result.unit} "
+        f"({'no-retrieval chance' if result.unit != 'bits/byte' else 'unigram baseline'} "
+        f"{result.unigram_bpb:.3f} {result.unit})"
     )
     return 0
 
@@ -104,7 +104,6 @@ def _train_parallel(args) -> int:
     import torch.distributed as dist
 
     from .distributed.training import setup_training
-    from .evaluate import evaluate_run
     from .train import prepare_run, resolve_config, train
 
     if args.resume:
@@ -153,7 +152,7 @@ def _train_parallel(args) -> int:
         return 0 if result.stopped_by != "interrupt" else 130
     rc = _report(result, run_dir)
     if rc == 0 and not args.no_eval:
-        _print_eval(evaluate_run(run_dir))
+        _after_training_eval(run_dir)
     return rc
 
 
@@ -176,6 +175,29 @@ def _print_eval(res: dict) -> None:
     print(f"  results: {Path(res['run_dir']) / 'eval' / 'eval.json'}")
     for p in res["plots"]:
         print(f"  plot: {p}")
+
+
+def _after_training_eval(run_dir: Path, trials: int = 20) -> None:
+    """Bits per byte on the corpus; for a run trained on a synthetic task, a short
+    retrieval evaluation of that task (the full sweep is ``longctx eval --task``)."""
+    from .data.tasks import task_source
+    from .evaluate import evaluate_run
+
+    cfg = json.loads((run_dir / "config.json").read_text())
+    task = task_source(cfg["data"]["source"])
+    if task is None:
+        _print_eval(evaluate_run(run_dir))
+        return
+    ctx = int(cfg["train"]["context"])
+    args = argparse.Namespace(
+        run_dir=str(run_dir),
+        task=task,
+        lengths=f"{ctx},{8 * ctx}",
+        depths="0,0.5,1",
+        trials=trials,
+        seed=0,
+    )
+    _eval_retrieval(args)
 
 
 def _eval(args) -> int:

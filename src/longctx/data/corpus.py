@@ -25,12 +25,23 @@ class DataConfig:
     source: str = "stdlib"  # "stdlib", a text file, a directory, or a glob
     val_percent: float = 5.0
     max_bytes: int = 0  # 0 = no limit; else stop reading files after this many bytes
+    # source "task:kv-retrieval": synthetic sequences instead of text (longctx.data.tasks)
+    task_questions: float = 0.5  # chance that an item after the first window is a question
+    task_local: float = 0.5  # chance that a question is about a record in its own window
+    task_targets: str = "answer"  # "answer" (value tokens) or "question" (also the key)
 
     def __post_init__(self):
         if not 0 < self.val_percent < 100:
             raise ValueError(f"data.val_percent must be in (0, 100), got {self.val_percent}")
         if self.max_bytes < 0:
             raise ValueError(f"data.max_bytes must be >= 0, got {self.max_bytes}")
+        for name in ("task_questions", "task_local"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.task_targets not in ("answer", "question"):
+            raise ValueError(
+                f"data.task_targets must be 'answer' or 'question', got {self.task_targets!r}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict) -> DataConfig:

@@ -12,8 +12,11 @@ Depth 0 puts the needle at the start of the context, depth 1 at its end.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
+
+import torch
 
 from .tokenizer import encode as _encode
 
@@ -86,3 +89,133 @@ def make_example(task: str, length: int, depth: float, rng: random.Random) -> Ex
     if task == "kv-retrieval":
         return kv_retrieval(length, depth, rng)
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+
+
+# --- training data for kv-retrieval -----------------------------------------------------
+
+TARGETS = ("answer", "question")
+
+
+def kv_training_example(
+    length: int,
+    window: int,
+    rng: random.Random,
+    *,
+    question_fraction: float = 0.5,
+    local_fraction: float = 0.5,
+    targets: str = "answer",
+) -> tuple[list[int], list[int]]:
+    """One training sequence for kv-retrieval: (inputs, targets), each ``length`` ids,
+    targets -100 where there is no loss (``F.cross_entropy`` ignores them).
+
+    The text is records ``key=value;`` (the evaluation's format). After the first
+    ``window`` tokens, each next item is, with probability ``question_fraction``, a
+    question ``?key=value;`` about an earlier record: with probability
+    ``local_fraction`` one within the last ``window`` tokens, else one from an earlier
+    window (what a memory model must read from memory). ``targets``: ``answer`` puts the
+    loss on the value of each question (the evaluated tokens); ``question`` also on the
+    key after its first letter, which an induction mechanism can predict."""
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    if not 0 < window < length:
+        raise ValueError(f"window must be in (0, length = {length}), got {window}")
+    for name, p in (("question_fraction", question_fraction), ("local_fraction", local_fraction)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    records = kv_records(length // RECORD_LEN + 2, rng)
+    first_target = 2 if targets == "question" else 2 + KEY_LEN
+    parts: list[str] = []
+    loss: list[int] = []
+    seen: list[tuple[str, str, int]] = []  # key, value, where the record starts
+    size, used = 0, 0
+    while size < length + 1:
+        if size >= window and seen and rng.random() < question_fraction:
+            local = rng.random() < local_fraction
+            pool = [s for s in seen if (s[2] >= size - window) == local] or seen
+            key, value, _ = rng.choice(pool)
+            item = f"?{key}={value};"
+            mask = [0] * first_target + [1] * (len(item) - first_target - 1) + [0]
+        else:
+            key, value = records[used]
+            used += 1
+            seen.append((key, value, size))
+            item = f"{key}={value};"
+            mask = [0] * len(item)
+        parts.append(item)
+        loss += mask
+        size += len(item)
+    ids = encode("".join(parts))[: length + 1]
+    y = [t if m else -100 for t, m in zip(ids[1:], loss[1 : length + 1])]
+    return ids[:length], y
+
+
+TASK_PREFIX = "task:"
+TRAINABLE_TASKS = ("kv-retrieval",)
+
+
+class TaskData:
+    """A synthetic training source (``data.source = "task:kv-retrieval"``): batches of
+    :func:`kv_training_example` sequences in place of a text corpus. Every batch depends
+    only on (seed, index), so a resumed run draws what an uninterrupted one would."""
+
+    def __init__(
+        self,
+        task: str,
+        window: int,
+        *,
+        question_fraction: float = 0.5,
+        local_fraction: float = 0.5,
+        targets: str = "answer",
+    ):
+        if task not in TRAINABLE_TASKS:
+            raise ValueError(
+                f"no training data for task {task!r}; trainable tasks: {TRAINABLE_TASKS}"
+            )
+        self.task = task
+        self.window = window
+        self.options = dict(
+            question_fraction=question_fraction, local_fraction=local_fraction, targets=targets
+        )
+        self.description = (
+            f"synthetic {task} (window {window}, questions {question_fraction}, "
+            f"local {local_fraction}, targets {targets})"
+        )
+
+    def batch(self, batch: int, context: int, seed: int, index: int, split: str = "train"):
+        """(inputs, targets) (batch, context) int64; targets -100 where there is no loss."""
+        rng = random.Random(f"{split}-{seed}-{index}")
+        rows = [
+            kv_training_example(context, self.window, rng, **self.options) for _ in range(batch)
+        ]
+        x = torch.tensor([r[0] for r in rows], dtype=torch.int64)
+        y = torch.tensor([r[1] for r in rows], dtype=torch.int64)
+        return x, y
+
+    def chance_bits(self, context: int) -> float:
+        """Bits per target token of a model that knows the format but retrieves nothing:
+        each target predicted from the frequencies of targets at its offset within the
+        question (uniform letters, uniform digits, a certain "="), estimated on 64
+        sequences."""
+        from collections import Counter
+
+        x, y = self.batch(64, context, 0, 0, split="chance")
+        counts: dict[int, Counter] = {}
+        question = ord("?")
+        for xs, ys in zip(x.tolist(), y.tolist()):
+            last = -1
+            for j, (token, target) in enumerate(zip(xs, ys)):
+                if token == question:
+                    last = j
+                if target >= 0:
+                    counts.setdefault(j - last, Counter())[target] += 1
+        total = sum(sum(c.values()) for c in counts.values())
+        bits = 0.0
+        for c in counts.values():
+            n = sum(c.values())
+            bits -= sum(k * math.log2(k / n) for k in c.values())
+        return bits / max(total, 1)
+
+
+def task_source(source: str) -> str | None:
+    """The task named by a ``task:<name>`` data source, else None."""
+    return source[len(TASK_PREFIX) :] if source.startswith(TASK_PREFIX) else None

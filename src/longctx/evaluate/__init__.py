@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..data import DataConfig, load_corpus
 from ..data.corpus import eval_windows
+from ..data.tasks import task_source
 from ..model.checkpoint import latest_checkpoint, load_model
 from ..model.lm import bits_per_position
 
@@ -44,6 +45,11 @@ def evaluate_run(
         raise ValueError(f"contexts must be positive, got {contexts}")
     if windows < 1:
         raise ValueError(f"windows must be >= 1, got {windows}")
+    if task_source(cfg["data"]["source"]) is not None:
+        raise ValueError(
+            f"{run_dir} was trained on {cfg['data']['source']}, not text: evaluate it with "
+            f"--task {task_source(cfg['data']['source'])}"
+        )
     corpus = load_corpus(DataConfig.from_dict(cfg["data"]))
     results: dict = {
         "run_dir": str(run_dir),

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import apply_overrides
 from ..data import Corpus, load_corpus
 from ..data.corpus import eval_windows, sample_batch
+from ..data.tasks import TaskData, task_source
 from ..model import DecoderLM
 from ..model.checkpoint import (
     CheckpointError,
@@ -44,6 +46,7 @@ class TrainResult:
     unigram_bpb: float
     stopped_by: str
     checkpoint: Path
+    unit: str = "bits/byte"  # of val_bpb and unigram_bpb ("bits/target token" for tasks)
 
 
 def lr_at(step: int, cfg) -> float:
@@ -139,6 +142,21 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+@torch.no_grad()
+def evaluate_targets(model: DecoderLM, batches) -> float:
+    """Mean bits per target token (targets -100 excluded) over (inputs, targets) batches,
+    with the model's inference forward (memory models: window by window, with memory)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        logits = model(x)
+        total += float(F.cross_entropy(logits.transpose(1, 2), y, reduction="sum"))
+        count += int((y >= 0).sum())
+    model.train(was)
+    return total / max(count, 1) / LN2
+
+
 def prepare_run(
     run_dir: Path, cfg: RunConfig | None, resume: bool, overrides: list[str] = ()
 ) -> RunConfig:
@@ -189,9 +207,34 @@ def train(
 
 def _train(cfg, run_dir, resume, checkpoint, corpus, progress, par) -> TrainResult:
     tc = cfg.train
-    corpus = corpus or load_corpus(cfg.data)
-    val = eval_windows(corpus.val, tc.context, tc.eval_windows)
-    unigram = corpus.unigram_bits_per_token()
+    task = task_source(cfg.data.source)
+    if task is not None:  # synthetic sequences with targets only where the loss is
+        if par is not None:
+            raise ValueError("a task data source trains without sequence parallelism")
+        data = TaskData(
+            task,
+            cfg.model.memory_window,
+            question_fraction=cfg.data.task_questions,
+            local_fraction=cfg.data.task_local,
+            targets=cfg.data.task_targets,
+        )
+        n_val = max(1, -(-tc.eval_windows // tc.batch_size))
+        val = [data.batch(tc.batch_size, tc.context, tc.seed, i, "val") for i in range(n_val)]
+        unigram = data.chance_bits(tc.context)
+
+        def next_batch(index):
+            return data.batch(tc.batch_size, tc.context, tc.seed, index)
+
+    else:
+        corpus = corpus or load_corpus(cfg.data)
+        val = eval_windows(corpus.val, tc.context, tc.eval_windows)
+        unigram = corpus.unigram_bits_per_token()
+
+        def next_batch(index):
+            return sample_batch(corpus.train, tc.batch_size, tc.context, tc.seed, index)
+
+    unit = "bits/target token" if task is not None else "bits/byte"
+    baseline = "no-retrieval chance" if task is not None else "unigram baseline"
     metrics = run_dir / METRICS_FILE
     ckpt_root = run_dir / CKPT_DIR
 
@@ -205,6 +248,8 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress, par) -> TrainResu
     dp = 1 if par is None else par.dp_size
 
     def val_bpb_now() -> float:
+        if task is not None:
+            return evaluate_targets(model, val)
         if par is None:
             return evaluate_bpb(model, val, tc.batch_size)
         return par.evaluate_bpb(model, val, tc.batch_size)
@@ -269,7 +314,7 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress, par) -> TrainResu
                     if par is None
                     else par.batch_index(step, micro, tc.grad_accum)
                 )
-                x, y = sample_batch(corpus.train, tc.batch_size, tc.context, tc.seed, index)
+                x, y = next_batch(index)
                 with autocast:
                     if par is None:
                         lm, aux = model.loss_parts(x, y, crossbatch=negatives)
@@ -330,8 +375,7 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress, par) -> TrainResu
                 if main:
                     _append(metrics, {"step": step, "tokens": tokens, "val_bpb": val_bpb})
                     bar.write(
-                        f"step {step}: validation {val_bpb:.3f} bits/byte "
-                        f"(unigram baseline {unigram:.3f})"
+                        f"step {step}: validation {val_bpb:.3f} {unit} ({baseline} {unigram:.3f})"
                     )
             if step % tc.save_every == 0:
                 ckpt_path = save()
@@ -365,4 +409,5 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress, par) -> TrainResu
         unigram_bpb=unigram,
         stopped_by=stopped_by,
         checkpoint=ckpt_path,
+        unit=unit,
     )
