@@ -176,10 +176,6 @@ class TaskData:
         self.options = dict(
             question_fraction=question_fraction, local_fraction=local_fraction, targets=targets
         )
-        self.description = (
-            f"synthetic {task} (window {window}, questions {question_fraction}, "
-            f"local {local_fraction}, targets {targets})"
-        )
 
     def batch(self, batch: int, context: int, seed: int, index: int, split: str = "train"):
         """(inputs, targets) (batch, context) int64; targets -100 where there is no loss."""
