@@ -618,6 +618,7 @@ def test_training_on_the_kv_task_source(tmp_path, capsys):
     prepare_run(run, cfg, False)
     result = train(cfg, run, progress=False)
     assert result.step == 3 and result.unit == "bits/target token"
+    assert result.baseline == "no-retrieval chance"
     assert 0 < result.val_bpb < 20 and 3.0 < result.unigram_bpb < 5.0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     expected = [cfg.train.crossbatch.at(s) for s in range(3)]

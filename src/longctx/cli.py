@@ -92,8 +92,7 @@ def _report(result, run_dir: Path) -> int:
         return 130
     print(
         f"validation: {result.val_bpb:.3f} {result.unit} "
-        f"({'no-retrieval chance' if result.unit != 'bits/byte' else 'unigram baseline'} "
-        f"{result.unigram_bpb:.3f} {result.unit})"
+        f"({result.baseline} {result.unigram_bpb:.3f} {result.unit})"
     )
     return 0
 

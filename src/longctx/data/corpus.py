@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..config import from_dict, to_dict
+from .tasks import TARGETS
 from .tokenizer import EOD, encode
 
 
@@ -38,9 +39,9 @@ class DataConfig:
         for name in ("task_questions", "task_local"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.task_targets not in ("answer", "question"):
+        if self.task_targets not in TARGETS:
             raise ValueError(
-                f"data.task_targets must be 'answer' or 'question', got {self.task_targets!r}"
+                f"data.task_targets must be one of {TARGETS}, got {self.task_targets!r}"
             )
 
     @classmethod

@@ -45,10 +45,11 @@ def evaluate_run(
         raise ValueError(f"contexts must be positive, got {contexts}")
     if windows < 1:
         raise ValueError(f"windows must be >= 1, got {windows}")
-    if task_source(cfg["data"]["source"]) is not None:
+    task = task_source(cfg["data"]["source"])
+    if task is not None:
         raise ValueError(
             f"{run_dir} was trained on {cfg['data']['source']}, not text: evaluate it with "
-            f"--task {task_source(cfg['data']['source'])}"
+            f"--task {task}"
         )
     corpus = load_corpus(DataConfig.from_dict(cfg["data"]))
     results: dict = {

@@ -47,6 +47,7 @@ class TrainResult:
     stopped_by: str
     checkpoint: Path
     unit: str = "bits/byte"  # of val_bpb and unigram_bpb ("bits/target token" for tasks)
+    baseline: str = "unigram baseline"  # what unigram_bpb is ("no-retrieval chance" for tasks)
 
 
 def lr_at(step: int, cfg) -> float:
@@ -410,4 +411,5 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress, par) -> TrainResu
         stopped_by=stopped_by,
         checkpoint=ckpt_path,
         unit=unit,
+        baseline=baseline,
     )
