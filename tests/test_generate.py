@@ -32,8 +32,9 @@ def _check_logits_match_full_forward(model, prompt, gen, atol):
         DILATED,
         dict(DILATED, dilated_offsets="torchscale"),
         dict(attention="sliding_window"),
+        dict(attention="dense", ngram=4),
     ],
-    ids=["dense", "dilated", "dilated-torchscale", "sliding"],
+    ids=["dense", "dilated", "dilated-torchscale", "sliding", "dense-ngram"],
 )
 @pytest.mark.parametrize("policy", ["full", "dilated", "none"])
 @pytest.mark.parametrize("prompt_len", [1, 5, 16, 37])

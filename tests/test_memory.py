@@ -254,21 +254,26 @@ def _tokens(B, N, seed=0):
     return torch.randint(0, 250, (B, N), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("ngram", [1, 4])
 @pytest.mark.parametrize("retrieval", ["dense", "topk"])
-def test_model_window_by_window_equals_all_at_once(retrieval):
-    model = _memory_model(memory_layers=[1], memory_retrieval=retrieval, memory_topk=8)
+def test_model_window_by_window_equals_all_at_once(retrieval, ngram):
+    model = _memory_model(memory_layers=[1], memory_retrieval=retrieval, memory_topk=8, ngram=ngram)
     t = _tokens(2, 53)
     whole = model(t)
-    memories = model.new_memories(2)
-    parts = [model(t[:, a : a + 16], start=a, memories=memories) for a in range(0, 53, 16)]
+    memories, history = model.new_memories(2), model.new_history(2)
+    parts = [
+        model(t[:, a : a + 16], start=a, memories=memories, history=history)
+        for a in range(0, 53, 16)
+    ]
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="multiple of 16"):
-        model(t[:, :5], start=3)
+        model(t[:, :5], start=3, history=model.new_history(2))
 
 
+@pytest.mark.parametrize("ngram", [1, 5])
 @pytest.mark.parametrize("j", [0, 15, 16, 17, 40])
-def test_model_is_causal_across_window_boundaries(j):
-    model = _memory_model(memory_layers=[0, 1], memory_retrieval="dense")
+def test_model_is_causal_across_window_boundaries(j, ngram):
+    model = _memory_model(memory_layers=[0, 1], memory_retrieval="dense", ngram=ngram)
     t = _tokens(2, 50)
     t2 = t.clone()
     t2[:, j:] = _tokens(2, 50 - j, seed=5)
@@ -323,11 +328,12 @@ def test_memory_config_errors():
         ModelConfig(memory_layers=[0], memory_retrieval="ann")
 
 
+@pytest.mark.parametrize("ngram", [1, 3])
 @pytest.mark.parametrize("prefill", [1, 5, 16, 100])
-def test_model_generation_equals_the_full_forward(prefill):
+def test_model_generation_equals_the_full_forward(prefill, ngram):
     from longctx.model.generate import generate
 
-    model = _memory_model(memory_layers=[1], memory_retrieval="dense")
+    model = _memory_model(memory_layers=[1], memory_retrieval="dense", ngram=ngram)
     prompt = _tokens(2, 37)
     prompt[1, 20] = 256  # a document ends in row 1: memory cleared mid-prompt
     g = generate(model, prompt, 30, temperature=0, return_logits=True, prefill=prefill)
@@ -342,8 +348,9 @@ def test_model_generation_equals_the_full_forward(prefill):
 # ------------------------------------------------------------------------- crossbatch
 
 
-def test_crossbatch_with_no_negatives_is_the_memory_forward_on_two_windows():
-    model = _memory_model(memory_layers=[1], memory_positions="absolute")
+@pytest.mark.parametrize("ngram", [1, 4])
+def test_crossbatch_with_no_negatives_is_the_memory_forward_on_two_windows(ngram):
+    model = _memory_model(memory_layers=[1], memory_positions="absolute", ngram=ngram)
     t = _tokens(3, 32)
     torch.testing.assert_close(model.forward_crossbatch(t, 0), model(t), atol=1e-12, rtol=0)
 
@@ -361,7 +368,7 @@ def _embedding_grads(model, t, negatives):
         logits[0, 16:].sum().backward()  # row 0, second window
     finally:
         handle.remove()
-    return outs[0].grad  # first window's embeddings (B, 16, C)
+    return outs[0].grad[:, :16]  # first window's embeddings (B, 16, C)
 
 
 def test_crossbatch_gradients_reach_the_negatives_memory_keys():
@@ -385,6 +392,11 @@ def test_crossbatch_schedule_and_config_errors():
 
     cb = CrossbatchConfig(negatives=6, start=1, ramp_steps=10)
     assert [cb.at(s) for s in (0, 5, 10, 50)] == [1, 3, 6, 6]
+    late = CrossbatchConfig(negatives=6, start=0, ramp_steps=6, delay_steps=100)
+    assert [late.at(s) for s in (0, 99, 100, 103, 106, 500)] == [0, 0, 0, 3, 6, 6]
+    assert CrossbatchConfig(negatives=4, delay_steps=10).at(9) == 0  # no ramp: a step
+    with pytest.raises(ValueError, match="delay_steps must be >= 0"):
+        CrossbatchConfig(negatives=4, delay_steps=-1)
     assert CrossbatchConfig().at(3) is None
     with pytest.raises(ValueError, match="memory layers"):
         resolve_config("tiny", None, ["train.crossbatch.negatives=2"])

@@ -122,6 +122,11 @@ def setup_training(
 
 def check_model(sp: SequenceParallel, cfg, context: int) -> None:
     """ValueError unless this model and context run under the strategy."""
+    if cfg.ngram > 1:
+        raise ValueError(
+            f"model.ngram = {cfg.ngram} is not supported with sequence parallelism (each "
+            "shard would need the tokens before it); use model.ngram = 1"
+        )
     sp.kernel(cfg)  # pattern/strategy compatibility
     sp.check_length(context)
     if sp.strategy == "ulysses":

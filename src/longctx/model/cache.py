@@ -203,7 +203,8 @@ class MemoryDecodeState:
     """Decoding state of a model with memory layers (``DecoderLM.forward_step``): the
     memories of memory layers, every layer's cache of the current window (memory layers:
     :class:`~longctx.nn.memory.WindowCache`; others a full cache of one window), and the
-    window's token ids (for the document-separator rules)."""
+    window's token ids (for the document-separator rules) and the n-gram embedding's
+    token history."""
 
     def __init__(self, model, batch: int, dtype, device):
         cfg = model.cfg
@@ -216,6 +217,7 @@ class MemoryDecodeState:
             for mem in self.memories
         ]
         self.tokens = torch.zeros(batch, W, dtype=torch.long, device=device)
+        self.history = model.new_history(batch, device)  # n-gram embedding (None: off)
         self.length = 0
 
     @property

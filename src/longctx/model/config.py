@@ -29,6 +29,9 @@ class ModelConfig:
     dilated_offsets: str = "paper"
     window: int = 256
     rope_base: float = 10000.0
+    # n >= 2: each input also sums learned embeddings of the n - 1 tokens before it, one
+    # table per offset (longctx.nn.ngram); 1: off
+    ngram: int = 1
     ffn: str = "swiglu"
     colt5_capacity: float = 1 / 16  # fraction of tokens through the heavy feed-forward
     colt5_q_capacity: float = 1 / 16  # routed queries of the heavy attention
@@ -50,6 +53,9 @@ class ModelConfig:
     memory_separator: int = 256  # a token that ends a document (clears memory); -1: none
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # std of the fused query/key/value projections' initial weights (0: init_std); a larger
+    # one shortens the loss plateau before attention learns to match content
+    attn_init_std: float = 0.0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
@@ -66,6 +72,14 @@ class ModelConfig:
                 f"head size d_model / n_heads = {self.d_model // self.n_heads} must be even "
                 "(rotary positions rotate pairs of dimensions)"
             )
+        if isinstance(self.ngram, bool) or not isinstance(self.ngram, int) or self.ngram < 1:
+            raise ValueError(f"model.ngram must be an integer >= 1 (1 = off), got {self.ngram!r}")
+        for name in ("init_std", "attn_init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"model.{name} must be a number >= 0, got {value!r}")
+        if self.init_std == 0:
+            raise ValueError("model.init_std must be > 0")
         if self.ffn_hidden < 0:
             raise ValueError(f"model.ffn_hidden must be >= 0, got {self.ffn_hidden}")
         if self.attention not in MODEL_ATTENTION:

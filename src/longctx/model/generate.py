@@ -176,8 +176,10 @@ def generate(
             a = b
     else:
         step = prefill_chunk(model, prefill)
+        history = model.new_history(B, device)  # n-gram embedding (None: off)
         for a in range(0, n, step):
-            logits = model(prompt[:, a : a + step], caches=caches, start=a, last_only=True)[:, -1]
+            chunk = prompt[:, a : a + step]
+            logits = model(chunk, caches=caches, start=a, last_only=True, history=history)[:, -1]
     result.prefill_seconds = time.perf_counter() - t0
 
     seq = prompt
@@ -200,7 +202,9 @@ def generate(
             elif isinstance(caches, MemoryDecodeState):
                 logits = model.forward_step(nxt.unsqueeze(1), caches, pos, last_only=True)[:, -1]
             else:
-                logits = model(nxt.unsqueeze(1), caches=caches, start=pos, last_only=True)[:, -1]
+                logits = model(
+                    nxt.unsqueeze(1), caches=caches, start=pos, last_only=True, history=history
+                )[:, -1]
         result.step_seconds.append(time.perf_counter() - t)
         result.cache_bytes.append(_cache_bytes(caches))
         if done:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn import MultiHeadAttention, RMSNorm, SwiGLU
+from ..nn import MultiHeadAttention, NgramEmbedding, RMSNorm, SwiGLU
 from ..nn.attention import make_kernel
 from ..nn.colt5 import ConditionalAttention, ConditionalFeedForward, Router
 from ..nn.memory import MemoryAttention, MemoryStore
@@ -110,6 +110,9 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.ngram = (
+            NgramEmbedding(cfg.vocab_size, cfg.d_model, cfg.ngram) if cfg.ngram > 1 else None
+        )
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.reset_parameters()
@@ -125,6 +128,8 @@ class DecoderLM(nn.Module):
                 if name.endswith(("proj.weight", "w2.weight"))
                 else 1
             )
+            if name.endswith("qkv.weight") and self.cfg.attn_init_std:
+                scale = self.cfg.attn_init_std / std
             nn.init.normal_(p, mean=0.0, std=std * scale)
 
     def forward(
@@ -136,33 +141,66 @@ class DecoderLM(nn.Module):
         start: int = 0,
         last_only: bool = False,
         memories: list | None = None,
+        history: Tensor | None = None,
     ) -> Tensor:
         """tokens (B, N) int64 at positions start..start+N-1 -> logits (B, N, vocab)
         (float32); with ``last_only``, logits of the last position only (B, 1, vocab).
         ``caches``: one per layer (longctx.model.cache) for incremental decoding.
         With memory layers the input is processed in windows of ``memory_window``
         (``start`` a multiple of it); ``memories`` (from :meth:`new_memories`) carries
-        the memory from call to call (default: a fresh, empty memory)."""
+        the memory from call to call (default: a fresh, empty memory). With
+        ``model.ngram`` > 1, ``history`` (from :meth:`new_history`) carries the last
+        tokens from call to call; it is needed for input that does not start at 0."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"need one cache per layer ({len(self.blocks)}), got {len(caches)}")
+        if self.ngram is not None:
+            if positions is not None:
+                raise ValueError(
+                    f"model.ngram = {self.cfg.ngram} needs contiguous input: explicit "
+                    "positions (sequence parallelism) are not supported"
+                )
+            if start > 0 and history is None:
+                raise ValueError(
+                    f"model.ngram = {self.cfg.ngram} embeds the {self.cfg.ngram - 1} tokens "
+                    f"before each position: input at position {start} needs ``history`` "
+                    "(DecoderLM.new_history, carried from call to call)"
+                )
         if self.cfg.memory_layers:
             if caches is not None or positions is not None:
                 raise ValueError(
                     "a model with memory layers runs window by window: pass ``memories`` "
                     "(DecoderLM.new_memories), not caches or positions"
                 )
-            return self._forward_windows(tokens, memories, start, last_only)
-        x = self.embed(tokens)  # (B, N, C)
+            return self._forward_windows(tokens, memories, start, last_only, history)
+        x = self.embed_tokens(tokens, history)  # (B, N, C)
         for i, block in enumerate(self.blocks):
             x = block(x, positions, None if caches is None else caches[i], start)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.norm(x)
         return F.linear(x, self.embed.weight).float()  # tied head, (B, N, V)
+
+    def embed_tokens(self, tokens: Tensor, history: Tensor | None = None) -> Tensor:
+        """Input vectors (B, N, C): the token embedding, plus with ``model.ngram`` > 1 the
+        embeddings of the tokens before (``history``: those before ``tokens``, None at the
+        start of a sequence; updated in place to precede the next chunk)."""
+        x = self.embed(tokens)
+        if self.ngram is not None:
+            x = x + self.ngram(tokens, history)
+            if history is not None:
+                NgramEmbedding.advance(history, tokens)
+        return x
+
+    def new_history(self, batch: int, device=None) -> Tensor | None:
+        """An empty token history for chunked input (None when ``model.ngram`` is 1)."""
+        if self.ngram is None:
+            return None
+        device = device or self.embed.weight.device
+        return torch.full((batch, self.cfg.ngram - 1), -1, dtype=torch.long, device=device)
 
     def new_memories(self, batch: int, dtype=None, device=None) -> list[MemoryStore | None]:
         """Empty memories, one per layer (None for layers without memory)."""
@@ -189,7 +227,7 @@ class DecoderLM(nn.Module):
         clear = is_sep.any(dim=1).nonzero().flatten().tolist()
         return visible, keep, clear
 
-    def _forward_windows(self, tokens, memories, start, last_only):
+    def _forward_windows(self, tokens, memories, start, last_only, history=None):
         W = self.cfg.memory_window
         if start % W:
             raise ValueError(f"a memory model's input must start at a multiple of {W}, got {start}")
@@ -199,12 +237,13 @@ class DecoderLM(nn.Module):
         if len(memories) != len(self.blocks):
             raise ValueError(f"need one memory per layer ({len(self.blocks)}), got {len(memories)}")
         outs = []
+        x_all = self.embed_tokens(tokens, history)  # (B, N, C)
         for a in range(0, N, W):
             chunk = tokens[:, a : a + W]  # (B, n)
             p0 = start + a
             pos = torch.arange(p0, p0 + chunk.shape[1], device=tokens.device)
             visible, keep, clear = self.document_rules(chunk)
-            x = self.embed(chunk)
+            x = x_all[:, a : a + W]
             for block, mem in zip(self.blocks, memories):
                 kw = None
                 if mem is not None:
@@ -230,10 +269,10 @@ class DecoderLM(nn.Module):
         W = self.cfg.memory_window
         previous = [None] * len(self.blocks)
         outs = []
+        x_all = self.embed_tokens(tokens)
         for a in range(0, tokens.shape[1], W):
-            chunk = tokens[:, a : a + W]
-            pos = torch.arange(a, a + chunk.shape[1], device=tokens.device)
-            x = self.embed(chunk)
+            x = x_all[:, a : a + W]
+            pos = torch.arange(a, a + x.shape[1], device=tokens.device)
             for i, block in enumerate(self.blocks):
                 if isinstance(block.attn, MemoryAttention):
 
@@ -265,7 +304,7 @@ class DecoderLM(nn.Module):
         pos = torch.arange(start, start + n, device=tokens.device)
         state.tokens[:, off : off + n] = tokens
         visible = self.document_rules(state.tokens[:, : off + n])[0][:, off:]
-        x = self.embed(tokens)
+        x = self.embed_tokens(tokens, state.history)
         for block, mem, win in zip(self.blocks, state.memories, state.windows):
             if mem is not None:
 
@@ -340,8 +379,12 @@ class DecoderLM(nn.Module):
         return nll.double()
 
     def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters; ``non_embedding`` leaves out the token (and n-gram) tables."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= self.embed.weight.numel()
+            n -= 0 if self.ngram is None else self.ngram.tables.numel()
+        return n
 
     def _unrouted_params(self) -> float:
         """Expected weights per token that CoLT5 routing skips (heavy branches applied to

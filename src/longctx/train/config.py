@@ -18,15 +18,17 @@ DEFAULT_PRESET = "tiny"
 class CrossbatchConfig:
     """Crossbatch training of memory layers (Focused Transformer): in each window, memory
     layers also attend to the previous window of ``negatives`` other batch rows. The
-    count grows linearly from ``start`` to ``negatives`` over ``ramp_steps`` steps
-    (FoT's schedule: start small, then raise it). negatives = 0: off."""
+    count stays at ``start`` for ``delay_steps`` steps, then grows linearly to
+    ``negatives`` over ``ramp_steps`` steps (FoT's schedule: start small, then raise it;
+    the delay lets retrieval form before distractors arrive). negatives = 0: off."""
 
     negatives: int = 0
     start: int = 0
     ramp_steps: int = 0
+    delay_steps: int = 0
 
     def __post_init__(self):
-        for name in ("negatives", "start", "ramp_steps"):
+        for name in ("negatives", "start", "ramp_steps", "delay_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.crossbatch.{name} must be >= 0, got {getattr(self, name)}")
         if self.start > self.negatives:
@@ -38,6 +40,9 @@ class CrossbatchConfig:
         """Negatives at a step, or None when crossbatch is off."""
         if self.negatives == 0:
             return None
+        step -= self.delay_steps
+        if step < 0:
+            return self.start
         if self.ramp_steps == 0 or step >= self.ramp_steps:
             return self.negatives
         return self.start + (self.negatives - self.start) * step // self.ramp_steps
