@@ -622,7 +622,8 @@ def test_training_on_the_kv_task_source(tmp_path, capsys):
             "train.max_minutes=0",
             "train.eval_windows=4",
             "train.crossbatch.negatives=2",
-            "train.crossbatch.ramp_steps=2",
+            "train.crossbatch.delay_steps=1",
+            "train.crossbatch.ramp_steps=1",
             "train.log_every=1",
         ],
     )
@@ -634,7 +635,7 @@ def test_training_on_the_kv_task_source(tmp_path, capsys):
     assert 0 < result.val_bpb < 20 and 3.0 < result.unigram_bpb < 5.0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     expected = [cfg.train.crossbatch.at(s) for s in range(3)]
-    assert expected[-1] == 2
+    assert expected == [0, 0, 2]  # held at 0 for the delay, then ramped
     assert [r.get("crossbatch_negatives") for r in rows if "loss" in r] == expected
     with pytest.raises(ValueError, match="--task kv-retrieval"):
         evaluate_run(run)
