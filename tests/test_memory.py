@@ -68,6 +68,26 @@ def test_exact_topk_with_k_at_least_memory_equals_dense(k):
     torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("retrieval", ["dense", "topk"])
+def test_reads_skip_unwritten_slots_without_changing_the_result(retrieval):
+    mem, _ = _pair(retrieval=retrieval, topk=8)
+    x = randn(2, 40, 32)
+    big, exact = mem.new_memory(2, 1000, F64, "cpu"), mem.new_memory(2, 20, F64, "cpu")
+    assert big.filled == 0
+    for store in (big, exact):
+        mem(x[:, :20], memory=store)
+    assert big.filled == exact.filled == 20
+    a = mem(x[:, 20:], start=20, memory=big, write=False)
+    b = mem(x[:, 20:], start=20, memory=exact, write=False)
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    exact.add(*(randn(2, 4, 5, 8, seed=s) for s in (1, 2)), torch.arange(20, 25))
+    assert exact.filled == 20  # the ring wrapped: every slot is still in use
+    big.clear([0])
+    assert big.filled == 20  # row 1 still holds 20
+    big.clear()
+    assert big.filled == 0
+
+
 def test_topk_selects_the_largest_inner_products():
     keys = randn(1, 2, 30, 8)
     valid = torch.ones(1, 30, dtype=torch.bool)
@@ -580,6 +600,35 @@ def test_kv_training_questions_come_from_memory_or_the_local_window(local):
                 i += 10
 
 
+@pytest.mark.parametrize("near", [0.0, 0.5, 1.0])
+def test_kv_training_near_keys_differ_from_an_earlier_key_in_one_letter(near):
+    import random
+
+    from longctx.data.tasks import kv_training_example
+
+    close, total = 0, 0
+    for seed in range(20):
+        x, y = kv_training_example(400, 64, random.Random(seed), near_fraction=near)
+        text = bytes(x).decode()
+        keys = [r.split("=")[0] for r in text.split(";")[:-1] if r and r[0] != "?"]
+        keys = [k for k in keys if len(k) == 4]
+        assert len(set(keys)) == len(keys)  # still distinct
+        for i, k in enumerate(keys[1:], 1):
+            close += any(sum(a != b for a, b in zip(k, e)) == 1 for e in keys[:i])
+            total += 1
+        # questions still repeat their record's value (the targets are right)
+        records = dict(r.split("=") for r in text.split(";")[:-1] if r and r[0] != "?")
+        for q in text.split("?")[1:]:
+            if len(q) >= 9:
+                assert records[q[:4]] == q[5:9]
+    if near == 0.0:
+        assert close / total < 0.05  # random keys: a 1-letter neighbour is rare
+    else:
+        assert abs(close / total - near) < 0.1
+    base = kv_training_example(400, 64, random.Random(3))
+    assert kv_training_example(400, 64, random.Random(3), near_fraction=0.0) == base
+
+
 def test_task_data_is_deterministic_and_checks_its_options():
     from longctx.data import DataConfig
     from longctx.data.tasks import TaskData, kv_training_example, task_source
@@ -599,6 +648,10 @@ def test_task_data_is_deterministic_and_checks_its_options():
         kv_training_example(128, 64, __import__("random").Random(0), targets="all")
     with pytest.raises(ValueError, match="task_local"):
         DataConfig(task_local=1.5)
+    with pytest.raises(ValueError, match="task_near"):
+        DataConfig(task_near=-0.1)
+    with pytest.raises(ValueError, match="near_fraction"):
+        kv_training_example(128, 64, __import__("random").Random(0), near_fraction=2)
     with pytest.raises(ValueError, match="task_targets"):
         DataConfig(task_targets="everything")
 

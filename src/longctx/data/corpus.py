@@ -30,13 +30,14 @@ class DataConfig:
     task_questions: float = 0.5  # chance that an item after the first window is a question
     task_local: float = 0.5  # chance that a question is about a record in its own window
     task_targets: str = "answer"  # "answer" (value tokens) or "question" (also the key)
+    task_near: float = 0.0  # chance that a new key is an earlier key with one letter changed
 
     def __post_init__(self):
         if not 0 < self.val_percent < 100:
             raise ValueError(f"data.val_percent must be in (0, 100), got {self.val_percent}")
         if self.max_bytes < 0:
             raise ValueError(f"data.max_bytes must be >= 0, got {self.max_bytes}")
-        for name in ("task_questions", "task_local"):
+        for name in ("task_questions", "task_local", "task_near"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.task_targets not in TARGETS:

@@ -104,6 +104,7 @@ def kv_training_example(
     question_fraction: float = 0.5,
     local_fraction: float = 0.5,
     targets: str = "answer",
+    near_fraction: float = 0.0,
 ) -> tuple[list[int], list[int]]:
     """One training sequence for kv-retrieval: (inputs, targets), each ``length`` ids,
     targets -100 where there is no loss (``F.cross_entropy`` ignores them).
@@ -114,12 +115,21 @@ def kv_training_example(
     ``local_fraction`` one within the last ``window`` tokens, else one from an earlier
     window (what a memory model must read from memory). ``targets``: ``answer`` puts the
     loss on the value of each question (the evaluated tokens); ``question`` also on the
-    key after its first letter, which an induction mechanism can predict."""
+    key after its first letter, which an induction mechanism can predict.
+    ``near_fraction``: chance that a new record's key is an earlier record's key with one
+    letter changed (still distinct), so that matching some of a key's letters is not
+    enough (random keys rarely share 3 letters in a short sequence, but often do among
+    the thousands of records of a long evaluation context)."""
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
     if not 0 < window < length:
         raise ValueError(f"window must be in (0, length = {length}), got {window}")
-    for name, p in (("question_fraction", question_fraction), ("local_fraction", local_fraction)):
+    fractions = (
+        ("question_fraction", question_fraction),
+        ("local_fraction", local_fraction),
+        ("near_fraction", near_fraction),
+    )
+    for name, p in fractions:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {p}")
     records = kv_records(length // RECORD_LEN + 2, rng)
@@ -128,6 +138,7 @@ def kv_training_example(
     loss: list[int] = []
     seen: list[tuple[str, str, int]] = []  # key, value, where the record starts
     size, used = 0, 0
+    taken = {k for k, _ in records}  # keys stay distinct
     while size < length + 1:
         if size >= window and seen and rng.random() < question_fraction:
             local = rng.random() < local_fraction
@@ -138,6 +149,9 @@ def kv_training_example(
         else:
             key, value = records[used]
             used += 1
+            if near_fraction and seen and rng.random() < near_fraction:
+                key = _near_key(rng.choice(seen)[0], rng, taken) or key
+                taken.add(key)
             seen.append((key, value, size))
             item = f"{key}={value};"
             mask = [0] * len(item)
@@ -147,6 +161,17 @@ def kv_training_example(
     ids = encode("".join(parts))[: length + 1]
     y = [t if m else -100 for t, m in zip(ids[1:], loss[1 : length + 1])]
     return ids[:length], y
+
+
+def _near_key(key: str, rng: random.Random, taken: set[str]) -> str | None:
+    """``key`` with one letter changed, not in ``taken`` (None if 8 tries fail)."""
+    for _ in range(8):
+        i = rng.randrange(KEY_LEN)
+        letter = rng.choice(KEY_LETTERS.replace(key[i], ""))
+        near = key[:i] + letter + key[i + 1 :]
+        if near not in taken:
+            return near
+    return None
 
 
 TASK_PREFIX = "task:"
@@ -166,6 +191,7 @@ class TaskData:
         question_fraction: float = 0.5,
         local_fraction: float = 0.5,
         targets: str = "answer",
+        near_fraction: float = 0.0,
     ):
         if task not in TRAINABLE_TASKS:
             raise ValueError(
@@ -174,7 +200,10 @@ class TaskData:
         self.task = task
         self.window = window
         self.options = dict(
-            question_fraction=question_fraction, local_fraction=local_fraction, targets=targets
+            question_fraction=question_fraction,
+            local_fraction=local_fraction,
+            targets=targets,
+            near_fraction=near_fraction,
         )
 
     def batch(self, batch: int, context: int, seed: int, index: int, split: str = "train"):

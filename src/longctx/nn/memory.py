@@ -70,6 +70,13 @@ class MemoryStore:
     def size(self, row: int) -> int:
         return int(self.valid[row].sum())
 
+    @property
+    def filled(self) -> int:
+        """1 + the last slot that holds an entry in any row (0 when empty): reads may
+        skip the slots after it (rings fill from slot 0, so a young store is short)."""
+        used = self.valid.any(dim=0).nonzero()
+        return int(used[-1]) + 1 if len(used) else 0
+
     def add(self, k: Tensor, v: Tensor, positions: Tensor, keep: Tensor | None = None) -> None:
         """Append the entries (B, H, n, D) at ``positions`` (n,) or (B, n); ``keep``
         (B, n) bool selects which of each row's entries to write (default all). Only the
@@ -433,7 +440,8 @@ class MemoryAttention(nn.Module):
         else:
             qm = q
         scale = self.head_dim**-0.5
-        mk, mv, valid = memory.k, memory.v, memory.valid
+        used = max(memory.filled, 1)  # skip never-written slots (a store fills from 0)
+        mk, mv, valid = memory.k[:, :, :used], memory.v[:, :, :used], memory.valid[:, :used]
         if torch.is_grad_enabled():  # backward needs them as read, and the store moves on
             mk, mv, valid = mk.clone(), mv.clone(), valid.clone()
         if self.retrieval == "dense":

@@ -218,6 +218,7 @@ def _train(cfg, run_dir, resume, checkpoint, corpus, progress, par) -> TrainResu
             question_fraction=cfg.data.task_questions,
             local_fraction=cfg.data.task_local,
             targets=cfg.data.task_targets,
+            near_fraction=cfg.data.task_near,
         )
         n_val = max(1, -(-tc.eval_windows // tc.batch_size))
         val = [data.batch(tc.batch_size, tc.context, tc.seed, i, "val") for i in range(n_val)]
