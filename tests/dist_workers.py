@@ -6,7 +6,7 @@ import torch
 from longctx.distributed import SPGroup, longnet_attention, ring_attention, ulysses_attention
 from longctx.distributed.shard import shard
 from longctx.distributed.strategies import strategy_layout
-from longctx.nn.attention import make_kernel
+from longctx.nn import make_kernel
 
 
 def full_inputs(case, seed=0):

@@ -8,7 +8,7 @@ from longctx import ops
 from longctx.model.config import ModelConfig
 from longctx.model.generate import generate
 from longctx.model.lm import DecoderLM
-from longctx.nn.colt5 import (
+from longctx.nn import (
     ConditionalAttention,
     ConditionalFeedForward,
     Router,
@@ -366,9 +366,7 @@ def test_attention_bad_options():
         ConditionalAttention(30, 4)
     attn = ConditionalAttention(32, 4)
     with pytest.raises(ValueError, match="decoding cache needs causal"):
-        from longctx.nn.colt5 import ConditionalAttentionCache
-
-        ConditionalAttentionCache(attn, 1, 8, torch.float32, "cpu")
+        attn.new_state(1, 8, torch.float32, "cpu")
 
 
 # -------------------------------------------------------------------- causal routing
@@ -440,12 +438,8 @@ def _colt5_model(**kw):
         d_model=64,
         n_layers=2,
         n_heads=4,
-        attention="colt5",
-        ffn="colt5",
-        colt5_window=8,
-        colt5_capacity=0.3,
-        colt5_q_capacity=0.3,
-        colt5_kv_capacity=0.4,
+        attention={"kind": "colt5", "window": 8, "q_capacity": 0.3, "kv_capacity": 0.4},
+        ffn={"kind": "colt5", "capacity": 0.3},
         **kw,
     )
     model = DecoderLM(cfg).double()
@@ -465,7 +459,8 @@ def test_model_colt5_is_causal_and_reports_routing():
         f"layer{i}.{r}" for i in range(2) for r in ("ffn", "attn_q", "attn_kv")
     )
     assert all(0 < f < 1 for f in fractions.values())
-    lm, aux = model.loss_parts(tokens[:, :-1], tokens[:, 1:])
+    terms = model.loss_terms(tokens[:, :-1], tokens[:, 1:])
+    lm, aux = terms.lm, terms.router_aux
     assert aux is not None and float(aux.detach()) > 0
     total = model.loss(tokens[:, :-1], tokens[:, 1:])
     torch.testing.assert_close(total, lm + model.cfg.colt5_aux_weight * aux)
@@ -507,7 +502,7 @@ def test_model_colt5_config_errors_and_flops():
 
 def test_apply_routed_scatters_weighted_rows():
     x = randn(2, 6, 3)
-    from longctx.nn.colt5 import Routing
+    from longctx.nn import Routing
 
     r = Routing(
         indices=torch.tensor([[1, 4], [2, 0]]),

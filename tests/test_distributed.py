@@ -32,7 +32,7 @@ from longctx.distributed.strategies import (
     ulysses_bytes,
 )
 from longctx.model.checkpoint import load_model
-from longctx.nn.attention import make_kernel
+from longctx.nn import make_kernel
 
 pytestmark = pytest.mark.distributed
 

@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from longctx.model import DecoderLM, ModelConfig
-from longctx.model.cache import DilatedKVCache, FullKVCache
-from longctx.model.generate import generate
+from longctx.model import DecoderLM, ModelConfig, generate
+from longctx.nn import DilatedKVCache, KVCache
 
-DILATED = dict(attention="dilated", segment_lengths=[4, 8, 16], dilation_rates=[1, 2, 4])
+DILATED_TABLE = {"kind": "dilated", "segment_lengths": [4, 8, 16], "dilation_rates": [1, 2, 4]}
+DILATED = dict(attention=DILATED_TABLE)
 
 
 def _model(dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = ModelConfig(**{**dict(d_model=32, n_layers=2, n_heads=4, window=5), **kw})
+    cfg = ModelConfig(**{**dict(d_model=32, n_layers=2, n_heads=4), **kw})
     return DecoderLM(cfg).to(dtype)
 
 
@@ -30,8 +30,8 @@ def _check_logits_match_full_forward(model, prompt, gen, atol):
     [
         dict(attention="dense"),
         DILATED,
-        dict(DILATED, dilated_offsets="torchscale"),
-        dict(attention="sliding_window"),
+        dict(attention={**DILATED_TABLE, "offsets": "torchscale"}),
+        dict(attention={"kind": "sliding_window", "window": 5}),
         dict(attention="dense", ngram=4),
     ],
     ids=["dense", "dilated", "dilated-torchscale", "sliding", "dense-ngram"],
@@ -69,7 +69,7 @@ def test_dilated_cache_bytes_constant_in_context_length():
     full_long = generate(model, list(range(200)) * 3, 3, cache="full", temperature=0)
     assert full_long.cache_bytes[0] > full_short.cache_bytes[0]
     # per branch and head ceil(w / r) rows: 4 + 4 + 4 rows x 4 heads x 8 dims, k and v, fp32
-    cache = DilatedKVCache(model.cfg, 1, torch.float32, "cpu")
+    cache = DilatedKVCache(1, 4, 8, [4, 8, 16], [1, 2, 4], "paper", torch.float32, "cpu")
     assert cache.nbytes == 2 * 4 * (4 + 4 + 4) * 8 * 4
     assert long.cache_bytes[0] == 2 * cache.nbytes  # two layers
     assert generate(model, [1], 2, cache="none", temperature=0).cache_bytes == [0, 0]
@@ -112,13 +112,13 @@ def test_bad_arguments():
     gen = generate(model, [1, 2], 3, cache="dilated", temperature=0)
     assert "no layer is dilated" in gen.note  # allowed, and explained
     assert generate(model, [1, 2], 0).tokens == []
-    cache = FullKVCache(model.cfg, 1, 4, torch.float32, "cpu")
+    cache = KVCache(1, 4, 4, 8, torch.float32, "cpu")
     q = torch.zeros(1, 4, 5, 8)
     with pytest.raises(ValueError, match="made for 4 positions"):
-        cache.attend(q, q, q, 0)
-    dil = DilatedKVCache(_model(torch.float32, **DILATED).cfg, 1, torch.float32, "cpu")
+        cache.update(q, q, 0)
+    dil = DilatedKVCache(1, 4, 8, [4, 8, 16], [1, 2, 4], "paper", torch.float32, "cpu")
     with pytest.raises(ValueError, match="got a chunk at 3"):
-        dil.attend(q, q, q, 3)
+        dil.update(q, q, 3)
 
 
 def test_cli_generate_streams_text(tmp_path, capsys):

@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from longctx.nn.attention import MultiHeadAttention, make_kernel
-from longctx.nn.memory import (
+from longctx.nn import (
     MemoryAttention,
     MemoryStore,
+    MultiHeadAttention,
+    document_rules,
     faiss_recall,
     faiss_search,
     torch_topk,
@@ -30,7 +31,7 @@ def randn(*shape, seed=0):
 def _pair(**kw):
     """A memory layer and a plain causal layer with the same weights."""
     mem = MemoryAttention(32, 4, **kw).double()
-    full = MultiHeadAttention(32, 4, make_kernel("dense")).double()
+    full = MultiHeadAttention(32, 4, "dense").double()
     full.load_state_dict(mem.state_dict())
     return mem, full
 
@@ -261,13 +262,21 @@ def test_faiss_retrieval_matches_topk_attention():
 # ------------------------------------------------------------------------- the model
 
 
-def _memory_model(**kw):
+def _memory_model(ngram=1, **memory):
+    """A 2-layer memory model with windows of 16; ``memory``: [model.attention] keys."""
     from longctx.model.config import ModelConfig
     from longctx.model.lm import DecoderLM
 
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, memory_window=16, **kw)
+    attention = {"kind": "memory", "window": 16, **memory}
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, ngram=ngram, attention=attention)
     return DecoderLM(cfg).double()
+
+
+def _crossbatch(model, tokens, negatives):
+    """The crossbatch training forward (memory layers read the previous window of their
+    row and of ``negatives`` other rows)."""
+    return model(tokens, model.new_state(tokens.shape[0], crossbatch=negatives))
 
 
 def _tokens(B, N, seed=0):
@@ -277,23 +286,20 @@ def _tokens(B, N, seed=0):
 @pytest.mark.parametrize("ngram", [1, 4])
 @pytest.mark.parametrize("retrieval", ["dense", "topk"])
 def test_model_window_by_window_equals_all_at_once(retrieval, ngram):
-    model = _memory_model(memory_layers=[1], memory_retrieval=retrieval, memory_topk=8, ngram=ngram)
+    model = _memory_model(layers=[1], retrieval=retrieval, topk=8, ngram=ngram)
     t = _tokens(2, 53)
     whole = model(t)
-    memories, history = model.new_memories(2), model.new_history(2)
-    parts = [
-        model(t[:, a : a + 16], start=a, memories=memories, history=history)
-        for a in range(0, 53, 16)
-    ]
+    state = model.new_state(2)
+    parts = [model(t[:, a : a + 16], state, start=a) for a in range(0, 53, 16)]
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="multiple of 16"):
-        model(t[:, :5], start=3, history=model.new_history(2))
+        model(t[:, :5], start=3)
 
 
 @pytest.mark.parametrize("ngram", [1, 5])
 @pytest.mark.parametrize("j", [0, 15, 16, 17, 40])
 def test_model_is_causal_across_window_boundaries(j, ngram):
-    model = _memory_model(memory_layers=[0, 1], memory_retrieval="dense", ngram=ngram)
+    model = _memory_model(layers=[0, 1], retrieval="dense", ngram=ngram)
     t = _tokens(2, 50)
     t2 = t.clone()
     t2[:, j:] = _tokens(2, 50 - j, seed=5)
@@ -308,9 +314,7 @@ def test_all_memory_layers_dense_absolute_equal_the_plain_model():
     from longctx.model.config import ModelConfig
     from longctx.model.lm import DecoderLM
 
-    model = _memory_model(
-        memory_layers=[0, 1], memory_retrieval="dense", memory_positions="absolute"
-    )
+    model = _memory_model(layers=[0, 1], retrieval="dense", positions="absolute")
     plain = DecoderLM(ModelConfig(d_model=32, n_layers=2, n_heads=2)).double()
     plain.load_state_dict(model.state_dict())
     t = _tokens(2, 70)
@@ -318,15 +322,15 @@ def test_all_memory_layers_dense_absolute_equal_the_plain_model():
 
 
 def test_document_separator_clears_the_row_and_hides_old_memory():
-    model = _memory_model(memory_layers=[1], memory_retrieval="dense")
+    model = _memory_model(layers=[1], retrieval="dense")
     t = _tokens(2, 48)
     t[0, 21] = 256  # row 0: a document ends inside the second window
-    memories = model.new_memories(2)
-    model(t, memories=memories)
-    store = memories[1]
+    state = model.new_state(2)
+    model(t, state)
+    store = state.layers[1].store
     assert store.entries(0)[2].tolist() == list(range(22, 48))  # only the new document
     assert store.entries(1)[2].tolist() == list(range(48))
-    visible, keep, clear = model.document_rules(t[:, 16:32])
+    visible, keep, clear = document_rules(t[:, 16:32], 256)
     assert visible[0].tolist() == [True] * 6 + [False] * 10 and bool(visible[1].all())
     assert keep[0].tolist() == [False] * 6 + [True] * 10 and clear == [0]
     # the new document's outputs do not depend on the old document (its window's tokens
@@ -353,7 +357,7 @@ def test_memory_config_errors():
 def test_model_generation_equals_the_full_forward(prefill, ngram):
     from longctx.model.generate import generate
 
-    model = _memory_model(memory_layers=[1], memory_retrieval="dense", ngram=ngram)
+    model = _memory_model(layers=[1], retrieval="dense", ngram=ngram)
     prompt = _tokens(2, 37)
     prompt[1, 20] = 256  # a document ends in row 1: memory cleared mid-prompt
     g = generate(model, prompt, 30, temperature=0, return_logits=True, prefill=prefill)
@@ -370,9 +374,9 @@ def test_model_generation_equals_the_full_forward(prefill, ngram):
 
 @pytest.mark.parametrize("ngram", [1, 4])
 def test_crossbatch_with_no_negatives_is_the_memory_forward_on_two_windows(ngram):
-    model = _memory_model(memory_layers=[1], memory_positions="absolute", ngram=ngram)
+    model = _memory_model(layers=[1], positions="absolute", ngram=ngram)
     t = _tokens(3, 32)
-    torch.testing.assert_close(model.forward_crossbatch(t, 0), model(t), atol=1e-12, rtol=0)
+    torch.testing.assert_close(_crossbatch(model, t, 0), model(t), atol=1e-12, rtol=0)
 
 
 def _embedding_grads(model, t, negatives):
@@ -384,7 +388,7 @@ def _embedding_grads(model, t, negatives):
 
     handle = model.embed.register_forward_hook(keep)
     try:
-        logits = model.forward_crossbatch(t, negatives)
+        logits = _crossbatch(model, t, negatives)
         logits[0, 16:].sum().backward()  # row 0, second window
     finally:
         handle.remove()
@@ -392,7 +396,7 @@ def _embedding_grads(model, t, negatives):
 
 
 def test_crossbatch_gradients_reach_the_negatives_memory_keys():
-    model = _memory_model(memory_layers=[1], memory_positions="zero")
+    model = _memory_model(layers=[1], positions="zero")
     t = _tokens(3, 32)
     g0 = _embedding_grads(model, t, 0)
     assert float(g0[0].abs().sum()) > 0  # the positive: own previous window
@@ -401,10 +405,10 @@ def test_crossbatch_gradients_reach_the_negatives_memory_keys():
     g2 = _embedding_grads(model, t, 2)
     assert float(g2[1].abs().sum()) > 0 and float(g2[2].abs().sum()) > 0
     # the first window has no memory: negatives change nothing there
-    a, b = model.forward_crossbatch(t, 0), model.forward_crossbatch(t, 2)
+    a, b = _crossbatch(model, t, 0), _crossbatch(model, t, 2)
     assert torch.equal(a[:, :16], b[:, :16]) and not torch.allclose(a[:, 16:], b[:, 16:])
     with pytest.raises(ValueError, match="negatives must be in"):
-        model.forward_crossbatch(t, 3)
+        _crossbatch(model, t, 3)
 
 
 def test_crossbatch_schedule_and_config_errors():
@@ -669,6 +673,7 @@ def test_training_on_the_kv_task_source(tmp_path, capsys):
             "model.n_layers=2",
             "model.n_heads=2",
             "model.memory_window=32",
+            "data.task_window=32",
             "train.context=64",
             "train.batch_size=4",
             "train.max_steps=3",

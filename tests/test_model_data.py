@@ -83,27 +83,29 @@ def test_config_file(tmp_path):
 # ------------------------------------------------------------------------------- model
 
 
+PATTERN_KEYS = {
+    "dense": {},
+    "dilated": {"segment_lengths": [4, 8, 16], "dilation_rates": [1, 2, 4]},
+    "sliding_window": {"window": 5},
+}
+
+
 def _tiny(attention="dense", **kw):
     base = dict(
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        attention=attention,
-        segment_lengths=[4, 8, 16],
-        dilation_rates=[1, 2, 4],
-        window=5,
+        d_model=32, n_layers=2, n_heads=4, attention={"kind": attention, **PATTERN_KEYS[attention]}
     )
     base.update(kw)
     return ModelConfig(**base)
 
 
 def _reference_kernel(cfg):
-    if cfg.attention == "dilated":
+    a = cfg.attention
+    if a.kind == "dilated":
         return lambda q, k, v: ref.dilated_attention(
-            q, k, v, cfg.segment_lengths, cfg.dilation_rates, causal=True
+            q, k, v, a.segment_lengths, a.dilation_rates, causal=True
         )[0]
-    if cfg.attention == "sliding_window":
-        return lambda q, k, v: ref.sliding_window_attention(q, k, v, cfg.window, causal=True)[0]
+    if a.kind == "sliding_window":
+        return lambda q, k, v: ref.sliding_window_attention(q, k, v, a.window, causal=True)[0]
     return lambda q, k, v: ref.attention(q, k, v, causal=True)[0]
 
 

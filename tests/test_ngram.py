@@ -98,7 +98,7 @@ def test_model_chunked_input_needs_history():
         model(t[:, 4:], start=4)
     with pytest.raises(ValueError, match="explicit positions"):
         model(t, positions=torch.arange(10))
-    assert _model().new_history(2) is None
+    assert _model().new_state(2).history is None
     p = _model(ngram=3)
     assert p.num_params() - p.num_params(non_embedding=True) == 3 * 264 * 32
 

@@ -230,7 +230,7 @@ def test_bf16_autocast_and_minutes_limit(tmp_path, data_dir):
 
 
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, data_dir, monkeypatch):
-    from longctx.train import loop
+    from longctx.data import sources
 
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(0, 256, (4, 65), generator=g)
@@ -243,7 +243,7 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, data_dir, monkey
             chosen = rows[2 * m : 2 * m + 2]
         return chosen[:, :-1], chosen[:, 1:]
 
-    monkeypatch.setattr(loop, "sample_batch", fixed_batch)
+    monkeypatch.setattr(sources, "sample_batch", fixed_batch)
     plain = _run(_cfg(data_dir, "train.max_steps=1", "train.batch_size=4"), tmp_path / "a")
     accum = _run(
         _cfg(data_dir, "train.max_steps=1", "train.batch_size=2", "train.grad_accum=2"),
@@ -285,4 +285,4 @@ def test_colt5_model_trains_and_logs_routing_per_layer(tmp_path, data_dir, bf16)
         assert all(0 <= f <= 1 for f in r["routed_fraction"].values())
         assert r["router_aux_loss"] > 0
     model, _ = load_model(result.checkpoint)
-    assert model.cfg.attention == "colt5" and model.cfg.ffn == "colt5"
+    assert model.cfg.attention.kind == "colt5" and model.cfg.ffn.kind == "colt5"

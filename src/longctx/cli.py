@@ -1,17 +1,244 @@
-"""The ``longctx`` command: maps subcommands to functions, nothing else."""
+"""The ``longctx`` command: maps subcommands to library functions and prints their results."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
 import sys
 import time
 from pathlib import Path
 
+# benchmarks: name -> (module, help); a module is imported only when its command runs
+BENCHES = {
+    "attention": ("attention", "attention ops vs N: time, useful GFLOP/s, peak memory"),
+    "train": (
+        "train",
+        "training tokens/s and peak memory vs context: dense vs dilated vs sliding",
+    ),
+    "generate": (
+        "generate",
+        "decoding latency and cache bytes vs context for the three cache policies",
+    ),
+    "colt5": ("colt5", "CoLT5 routed feed-forward and attention vs dense: time and FLOPs vs N"),
+    "parallel": (
+        "parallel",
+        "sequence-parallel strategies on gloo: bytes per rank and time vs N and P",
+    ),
+}
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _train(args) -> int:
+    """One flow for one process and for torchrun: only the parallel object differs."""
+    from .train import SingleProcess, prepare_run, resolve_config, train
+
+    if args.resume:  # every rank reads (and rewrites) the same config.json
+        run_dir = _resume_dir(args)
+        cfg = prepare_run(run_dir, None, True, args.set)
+    else:
+        cfg, run_dir = resolve_config(args.preset, args.config, args.set), None
+    parallel = _parallel(args, cfg)
+    try:
+        run_dir = run_dir or _new_run(args, cfg, parallel)
+        if parallel.is_main:
+            print(f"run directory: {run_dir}")
+            if parallel.describe():
+                print(parallel.describe())
+        result = train(
+            cfg, run_dir, resume=args.resume, checkpoint=args.checkpoint, parallel=parallel
+        )
+    except RuntimeError as exc:  # gloo/NCCL report a lost peer or a timeout this way
+        if isinstance(parallel, SingleProcess):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"longctx: error: rank {parallel.rank}: a collective failed ({first}); another "
+            f"rank probably died or timed out (--sp-timeout {args.sp_timeout:g} s)",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        parallel.close()
+    if not parallel.is_main:
+        return 130 if result.stopped_by == "interrupt" else 0
+    rc = _report(result, run_dir)
+    if rc == 0 and not args.no_eval:
+        _after_training_eval(run_dir, cfg=cfg)
+    return rc
+
+
+def _parallel(args, cfg):
+    """One process, or (under torchrun, or with --sequence-parallel P > 1) sequence
+    parallelism over P ranks and data parallelism over the rest."""
+    from .train import SingleProcess
+
+    if args.sequence_parallel <= 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return SingleProcess()
+    from .distributed.training import setup_training
+
+    return setup_training(
+        args.sequence_parallel,
+        args.sp_strategy,
+        cfg.model,
+        cfg.train.context,
+        timeout_s=args.sp_timeout,
+    )
+
+
+def _new_run(args, cfg, parallel) -> Path:
+    """A fresh run's directory, prepared by the main process (the others learn its name
+    and its verdict)."""
+    from .train import prepare_run
+
+    name, error = args.out or _default_run_dir(args), None
+    if parallel.is_main:
+        try:
+            prepare_run(Path(name), cfg, False)
+        except ValueError as exc:
+            error = str(exc)
+    name, error = parallel.broadcast([name, error])
+    if error is not None:
+        raise ValueError(error)
+    return Path(name)
+
+
+def _resume_dir(args) -> Path:
+    if args.out is None:
+        raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+    if args.preset or args.config:
+        raise ValueError("--resume continues a run with its saved config; drop --preset/--config")
+    return Path(args.out)
+
+
+def _default_run_dir(args) -> str:
+    name = args.preset or (Path(args.config).stem if args.config else "tiny")
+    return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _report(result, run_dir: Path) -> int:
+    print(
+        f"stopped at step {result.step} ({result.tokens:,} tokens) by {result.stopped_by}; "
+        f"checkpoint {result.checkpoint}"
+    )
+    if result.stopped_by == "interrupt":
+        print(f"continue with: longctx train --resume --out {run_dir}")
+        return 130
+    print(
+        f"validation: {result.val_bpb:.3f} {result.unit} "
+        f"({result.baseline} {result.unigram_bpb:.3f} {result.unit})"
+    )
+    return 0
+
+
+def _after_training_eval(run_dir: Path, trials: int = 20, cfg=None) -> None:
+    """Bits per byte on the corpus; for a run trained on a synthetic task, a short
+    retrieval evaluation of that task (the full sweep is ``longctx eval --task``)."""
+    from .data import task_source
+    from .evaluate import evaluate_run
+
+    if cfg is None:
+        from .train import load_run_config
+
+        cfg = load_run_config(Path(run_dir))
+    task = task_source(cfg.data.source)
+    if task is None:
+        _print_eval(evaluate_run(run_dir))
+        return
+    ctx = cfg.train.context
+    _retrieval(Path(run_dir), task, [ctx, 8 * ctx], [0.0, 0.5, 1.0], trials, seed=0)
+
+
+# --------------------------------------------------------------------------- eval, info
+
+
+def _eval(args) -> int:
+    from ._util import parse_numbers
+    from .evaluate import evaluate_run
+
+    if args.task != "bpb":
+        lengths = parse_numbers(args.lengths, int, "--lengths")
+        depths = parse_numbers(args.depths, float, "--depths")
+        _retrieval(Path(args.run_dir), args.task, lengths, depths, args.trials, args.seed)
+        return 0
+    contexts = parse_numbers(args.contexts, int, "--contexts") if args.contexts else None
+    _print_eval(evaluate_run(Path(args.run_dir), contexts=contexts, windows=args.windows))
+    return 0
+
+
+def _print_eval(res: dict) -> None:
+    print(f"\nevaluation of {res['checkpoint']} (unigram baseline {res['unigram_bpb']:.3f}):")
+    for entry in res["by_context"]:
+        if "bpb" in entry:
+            print(
+                f"  context {entry['context']:>7,}: {entry['bpb']:.3f} bits/byte "
+                f"({entry['windows']} windows)"
+            )
+        else:
+            print(f"  context {entry['context']:>7,}: skipped ({entry['skipped']})")
+    if "by_position" in res:
+        cells = ", ".join(
+            f"{b['positions'][0]}-{b['positions'][1] - 1}: {b['bpb']:.2f}"
+            for b in res["by_position"]
+        )
+        print(f"  by position (training context): {cells}")
+    print(f"  results: {Path(res['run_dir']) / 'eval' / 'eval.json'}")
+    for p in res["plots"]:
+        print(f"  plot: {p}")
+
+
+def _retrieval(run_dir: Path, task: str, lengths, depths, trials: int, seed: int) -> None:
+    from .evaluate.retrieval import evaluate_retrieval, write_results
+    from .model import latest_checkpoint, load_model
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    model, _ = load_model(ckpt)
+    result = evaluate_retrieval(model, task, lengths, depths, trials, seed=seed)
+    result["checkpoint"] = str(ckpt)
+    js, png = write_results(result, run_dir / "eval", f"{task}: {run_dir.name}")
+    print(f"\n{task} exact match ({trials} trials per cell, 95% Wilson interval):")
+    for length, r in result["by_length"].items():
+        lo, hi = r["ci95"]
+        acc = f"{r['accuracy']:.1%} [{lo:.1%}, {hi:.1%}]"
+        print(f"  context {int(length):>7,}: {acc} ({r['trials']} trials)")
+    print(f"  results: {js}\n  heatmap: {png}")
+
+
+def _info(args) -> int:
+    import json
+
+    from .evaluate import run_info
+
+    info = run_info(Path(args.run_dir))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    m = info["config"]["model"]
+    fl = info["flops_per_token"]
+    print(f"checkpoint: {info['checkpoint']} (step {info['step']}, {info['tokens']:,} tokens)")
+    print(
+        f"model: {m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads, "
+        f"attention {m['attention']['kind']}, feed-forward {m['ffn']['kind']}"
+    )
+    print(
+        f"parameters: {info['parameters']:,} ({info['non_embedding_parameters']:,} non-embedding)"
+    )
+    print(
+        f"FLOPs per token at context {info['context']:,}: forward {fl['forward'] / 1e6:.2f} M "
+        f"(attention {fl['attention_forward'] / 1e6:.2f} M), training ~{fl['train'] / 1e6:.2f} M"
+    )
+    print("config:")
+    print(json.dumps(info["config"], indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- generate
+
 
 def _generate(args) -> int:
-    from .generation import generate_text
+    from .textgen import generate_text
 
     if args.prompt_file is not None:
         prompt = Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
@@ -43,243 +270,23 @@ def _generate(args) -> int:
     return 0
 
 
-def _run_bench(args) -> int:
+def _bench(args) -> int:
     args.bench_run(args)
     return 0
 
 
-def _train(args) -> int:
-    from .train import prepare_run, resolve_config, train
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.sequence_parallel > 1 or world > 1:
-        return _train_parallel(args)
-    if args.resume:
-        run_dir = _resume_dir(args)
-        cfg = prepare_run(run_dir, None, True, args.set)
-    else:
-        cfg = resolve_config(args.preset, args.config, args.set)
-        run_dir = Path(args.out or _default_run_dir(args))
-        prepare_run(run_dir, cfg, False)
-    print(f"run directory: {run_dir}")
-    result = train(cfg, run_dir, resume=args.resume, checkpoint=args.checkpoint)
-    rc = _report(result, run_dir)
-    if rc == 0 and not args.no_eval:
-        _after_training_eval(run_dir)
-    return rc
+# --------------------------------------------------------------------------- parser
 
 
-def _resume_dir(args) -> Path:
-    if args.out is None:
-        raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
-    if args.preset or args.config:
-        raise ValueError("--resume continues a run with its saved config; drop --preset/--config")
-    return Path(args.out)
-
-
-def _default_run_dir(args) -> str:
-    name = args.preset or (Path(args.config).stem if args.config else "tiny")
-    return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _report(result, run_dir: Path) -> int:
-    print(
-        f"stopped at step {result.step} ({result.tokens:,} tokens) by {result.stopped_by}; "
-        f"checkpoint {result.checkpoint}"
-    )
-    if result.stopped_by == "interrupt":
-        print(f"continue with: longctx train --resume --out {run_dir}")
-        return 130
-    print(
-        f"validation: {result.val_bpb:.3f} {result.unit} "
-        f"({result.baseline} {result.unigram_bpb:.3f} {result.unit})"
-    )
-    return 0
-
-
-def _train_parallel(args) -> int:
-    """Under torchrun: sequence parallelism over --sequence-parallel ranks, data
-    parallelism over the rest. Rank 0 writes the run directory and prints."""
-    import torch.distributed as dist
-
-    from .distributed.training import setup_training
-    from .train import prepare_run, resolve_config, train
-
-    if args.resume:
-        run_dir = _resume_dir(args)
-        cfg = prepare_run(run_dir, None, True, args.set)  # same file, same content: any rank
-    else:
-        cfg = resolve_config(args.preset, args.config, args.set)
-    par = setup_training(
-        args.sequence_parallel,
-        args.sp_strategy,
-        cfg.model,
-        cfg.train.context,
-        timeout_s=args.sp_timeout,
-    )
-    try:
-        if not args.resume:
-            box = [args.out or _default_run_dir(args), None]
-            if par.is_main:
-                try:
-                    prepare_run(Path(box[0]), cfg, False)
-                except ValueError as exc:
-                    box[1] = str(exc)
-            dist.broadcast_object_list(box, src=0)  # one name, and rank 0's verdict
-            if box[1] is not None:
-                raise ValueError(box[1])
-            run_dir = Path(box[0])
-        if par.is_main:
-            sp = par.sp
-            print(
-                f"run directory: {run_dir}\nsequence parallel: {sp.size} ranks, strategy "
-                f"{sp.strategy} ({sp.layout} layout); data parallel: {par.dp_size} replica(s)"
-            )
-        result = train(cfg, run_dir, resume=args.resume, checkpoint=args.checkpoint, parallel=par)
-        is_main = par.is_main
-    except RuntimeError as exc:  # gloo/NCCL report a lost peer or a timeout this way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(
-            f"longctx: error: rank {dist.get_rank()}: a collective failed ({first}); another "
-            f"rank probably died or timed out (--sp-timeout {args.sp_timeout:g} s)",
-            file=sys.stderr,
-        )
-        return 1
-    finally:
-        dist.destroy_process_group()
-    if not is_main:
-        return 0 if result.stopped_by != "interrupt" else 130
-    rc = _report(result, run_dir)
-    if rc == 0 and not args.no_eval:
-        _after_training_eval(run_dir)
-    return rc
-
-
-def _print_eval(res: dict) -> None:
-    print(f"\nevaluation of {res['checkpoint']} (unigram baseline {res['unigram_bpb']:.3f}):")
-    for entry in res["by_context"]:
-        if "bpb" in entry:
-            print(
-                f"  context {entry['context']:>7,}: {entry['bpb']:.3f} bits/byte "
-                f"({entry['windows']} windows)"
-            )
-        else:
-            print(f"  context {entry['context']:>7,}: skipped ({entry['skipped']})")
-    if "by_position" in res:
-        cells = ", ".join(
-            f"{b['positions'][0]}-{b['positions'][1] - 1}: {b['bpb']:.2f}"
-            for b in res["by_position"]
-        )
-        print(f"  by position (training context): {cells}")
-    print(f"  results: {Path(res['run_dir']) / 'eval' / 'eval.json'}")
-    for p in res["plots"]:
-        print(f"  plot: {p}")
-
-
-def _after_training_eval(run_dir: Path, trials: int = 20) -> None:
-    """Bits per byte on the corpus; for a run trained on a synthetic task, a short
-    retrieval evaluation of that task (the full sweep is ``longctx eval --task``)."""
-    from .data.tasks import task_source
-    from .evaluate import evaluate_run
-
-    cfg = json.loads((run_dir / "config.json").read_text())
-    task = task_source(cfg["data"]["source"])
-    if task is None:
-        _print_eval(evaluate_run(run_dir))
-        return
-    ctx = int(cfg["train"]["context"])
-    args = argparse.Namespace(
-        run_dir=str(run_dir),
-        task=task,
-        lengths=f"{ctx},{8 * ctx}",
-        depths="0,0.5,1",
-        trials=trials,
-        seed=0,
-    )
-    _eval_retrieval(args)
-
-
-def _eval(args) -> int:
-    from .evaluate import evaluate_run
-
-    if args.task != "bpb":
-        return _eval_retrieval(args)
-    contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else None
-    _print_eval(evaluate_run(Path(args.run_dir), contexts=contexts, windows=args.windows))
-    return 0
-
-
-def _numbers(text: str, kind, flag: str) -> list:
-    try:
-        values = [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{flag} is empty")
-    return values
-
-
-def _eval_retrieval(args) -> int:
-    from .evaluate.retrieval import evaluate_retrieval, write_results
-    from .model.checkpoint import latest_checkpoint, load_model
-
-    run_dir = Path(args.run_dir)
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    model, _ = load_model(ckpt)
-    lengths = _numbers(args.lengths, int, "--lengths")
-    depths = _numbers(args.depths, float, "--depths")
-    result = evaluate_retrieval(model, args.task, lengths, depths, args.trials, seed=args.seed)
-    result["checkpoint"] = str(ckpt)
-    js, png = write_results(result, run_dir / "eval", f"{args.task}: {run_dir.name}")
-    print(f"\n{args.task} exact match ({args.trials} trials per cell, 95% Wilson interval):")
-    for length, r in result["by_length"].items():
-        lo, hi = r["ci95"]
-        acc = f"{r['accuracy']:.1%} [{lo:.1%}, {hi:.1%}]"
-        print(f"  context {int(length):>7,}: {acc} ({r['trials']} trials)")
-    print(f"  results: {js}\n  heatmap: {png}")
-    return 0
-
-
-def _info(args) -> int:
-    from .evaluate import run_info
-
-    info = run_info(Path(args.run_dir))
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    m = info["config"]["model"]
-    fl = info["flops_per_token"]
-    print(f"checkpoint: {info['checkpoint']} (step {info['step']}, {info['tokens']:,} tokens)")
-    print(
-        f"model: {m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads, "
-        f"attention {m['attention']}"
-    )
-    print(
-        f"parameters: {info['parameters']:,} ({info['non_embedding_parameters']:,} non-embedding)"
-    )
-    print(
-        f"FLOPs per token at context {info['context']:,}: forward {fl['forward'] / 1e6:.2f} M "
-        f"(attention {fl['attention_forward'] / 1e6:.2f} M), training ~{fl['train'] / 1e6:.2f} M"
-    )
-    print("config:")
-    print(json.dumps(info["config"], indent=2))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .bench import attention
-    from .bench import colt5 as bench_colt5
-    from .bench import generate as bench_generate
-    from .bench import parallel as bench_parallel
-    from .bench import train as bench_train
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser. Only the benchmark named in ``argv`` (if any) is imported."""
+    from .config import preset_names
 
     parser = argparse.ArgumentParser(
         prog="longctx", description="Long-context attention: benchmarks and tools."
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    from .config import preset_names
 
     p = sub.add_parser(
         "train",
@@ -373,34 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (time, memory, FLOP/s vs N)")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    benches = [
-        (
-            "attention",
-            attention,
-            "attention ops vs N: time, useful GFLOP/s, peak memory",
-        ),
-        (
-            "train",
-            bench_train,
-            "training tokens/s and peak memory vs context: dense vs dilated vs sliding",
-        ),
-        (
-            "generate",
-            bench_generate,
-            "decoding latency and cache bytes vs context for the three cache policies",
-        ),
-        (
-            "colt5",
-            bench_colt5,
-            "CoLT5 routed feed-forward and attention vs dense: time and FLOPs vs N",
-        ),
-        (
-            "parallel",
-            bench_parallel,
-            "sequence-parallel strategies on gloo: bytes per rank and time vs N and P",
-        ),
-    ]
-    for name, module, help_text in benches:
+    wanted = argv[1] if argv and len(argv) > 1 and argv[0] == "bench" else None
+    for name, (module_name, help_text) in BENCHES.items():
+        if wanted is not None and name != wanted:
+            bench_sub.add_parser(name, help=help_text)  # listed; not imported
+            continue
+        module = importlib.import_module(f"longctx.bench.{module_name}")
         p = bench_sub.add_parser(
             name,
             help=help_text,
@@ -408,12 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
-        p.set_defaults(func=_run_bench, bench_run=module.run)
+        p.set_defaults(func=_bench, bench_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Run the ``longctx`` command with ``argv`` (default: the process's arguments)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.version:
         from . import __version__

@@ -1,8 +1,11 @@
-"""Config plumbing shared by every layer: dataclasses from dicts, TOML presets, overrides.
+"""Config plumbing shared by every layer: dataclasses from dicts, TOML presets, overrides,
+and the format version of the files a run writes.
 
-Rules (DESIGN.md "Conventions"): a config is a dataclass validated when built; an unknown
-key is an error naming the key and the valid ones; presets are TOML files shipped in the
-package; CLI overrides are ``section.key=value``.
+Rules (docs/design.md, "Conventions"): a config is a dataclass validated when built; an
+unknown key is an error naming the key and the valid ones; presets are TOML files shipped
+in the package; CLI overrides are ``section.key=value``. A config class may define its own
+``from_dict(data, where)`` (e.g. to translate older keys) and nested values their own
+``to_dict()``; the generic functions here call them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,31 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+# Version of the files a run writes (config.json, checkpoint state.json). 1 is longctx 0.1,
+# whose files carry no version and a flat [model] table; 2 nests [model.attention] and
+# [model.ffn]. Older versions are translated when read; newer ones are refused.
+FORMAT_VERSION = 2
+
+
+def check_format_version(version: object, what: str) -> int:
+    """The format version of a file (``what`` names it in errors): older ones are fine
+    (they are translated), a newer one is a clear error."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{what}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{what} has format version {version}: it was written by a newer longctx, and "
+            f"this one ({_package_version()}) reads versions up to {FORMAT_VERSION}; upgrade "
+            "longctx to read it"
+        )
+    return version
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
@@ -40,7 +68,20 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
+    """A config dataclass as plain data (nested values with a ``to_dict`` use theirs)."""
+    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict") and not isinstance(value, type):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -80,6 +121,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ValueError(f"{where} must be a string, got {value!r}")
         return value
     if dataclasses.is_dataclass(hint):
+        if "from_dict" in vars(hint):  # the class reads its own table (e.g. older keys)
+            return hint.from_dict(value, where)
         return from_dict(hint, value, where)
     return value
 
@@ -104,6 +147,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a nested dict (in place; returned)."""
     for text in overrides:
         path, value = parse_override(text)
         node = data
@@ -117,11 +161,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def preset_names() -> list[str]:
+    """The presets shipped in the package."""
     folder = resources.files("longctx") / "presets"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
 def load_preset(name: str) -> dict[str, Any]:
+    """A shipped preset's table (ValueError naming the presets for an unknown one)."""
     names = preset_names()
     if name not in names:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(names)}")
@@ -130,6 +176,7 @@ def load_preset(name: str) -> dict[str, Any]:
 
 
 def load_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's table (ValueError for a missing or invalid file)."""
     try:
         return tomllib.loads(Path(path).read_text())
     except FileNotFoundError:

@@ -13,7 +13,6 @@ masked or skipped work is not credited. The fp32 matmul peak is measured in the 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .._util import powers_of_two
 from . import common
 
 PAPER_SEGMENTS = [2048, 4096, 8192, 16384, 32768]
@@ -39,9 +39,8 @@ class Method:
     settings: dict = field(default_factory=dict)
 
 
-def dense_flops(n: int, heads: int, head_dim: int, causal: bool) -> int:
-    pairs = n * (n + 1) // 2 if causal else n * n
-    return 4 * head_dim * heads * pairs
+def _dense_flops(n: int, heads: int, head_dim: int, causal: bool) -> int:
+    return ops.attention_flops(n, heads, head_dim, causal=causal)
 
 
 def build_methods(chunk_size: int, window: int) -> dict[str, Method]:
@@ -57,13 +56,13 @@ def build_methods(chunk_size: int, window: int) -> dict[str, Method]:
         "sdpa": Method(
             "sdpa",
             lambda q, k, v, c: F.scaled_dot_product_attention(q, k, v, is_causal=c),
-            dense_flops,
+            _dense_flops,
             {"kernel": "torch.nn.functional.scaled_dot_product_attention"},
         ),
         "chunked": Method(
             "chunked",
             lambda q, k, v, c: ops.chunked_attention(q, k, v, causal=c, chunk_size=chunk_size),
-            dense_flops,
+            _dense_flops,
             {"chunk_size": chunk_size},
         ),
         "sliding": Method(
@@ -128,12 +127,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _powers_of_two(lo: int, hi: int) -> list[int]:
-    if lo < 1 or hi < lo:
-        raise ValueError(f"need 1 <= --min-n <= --max-n, got {lo} and {hi}")
-    return [1 << e for e in range(math.ceil(math.log2(lo)), int(math.log2(hi)) + 1)]
-
-
 def _check_args(args) -> tuple[list[str], list[bool]]:
     if args.quick:
         args.max_n = min(args.max_n, 16384)
@@ -152,7 +145,7 @@ def _check_args(args) -> tuple[list[str], list[bool]]:
 
 def run(args) -> list[dict]:
     names, causal_modes = _check_args(args)
-    ns = _powers_of_two(args.min_n, args.max_n)
+    ns = powers_of_two(args.min_n, args.max_n)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     methods = build_methods(args.chunk_size, args.window)
@@ -265,7 +258,8 @@ def _find(rows, method, causal, n):
 
 
 def summarize(rows: list[dict], peak: float) -> dict:
-    """The figures the attention-core issue asks for, where the run measured them."""
+    """The headline figures (dilated at the largest N, its efficiency, dilated vs dense),
+    where the run measured them."""
     lines = ["", f"matmul peak (fp32, measured in this run): {peak:.1f} GFLOP/s"]
     summary: dict = {"matmul_peak_gflops": peak}
     big = [

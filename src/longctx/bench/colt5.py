@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._util import powers_of_two
 from ..nn import MultiHeadAttention, SwiGLU
-from ..nn.attention import make_kernel
 from ..nn.colt5 import (
     ConditionalAttention,
     ConditionalFeedForward,
@@ -53,29 +53,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-out/colt5"))
 
 
-def _powers_of_two(lo: int, hi: int) -> list[int]:
-    if lo < 16 or hi < lo:
-        raise ValueError(f"need 16 <= --min-n <= --max-n, got {lo} and {hi}")
-    out, n = [], 1
-    while n <= hi:
-        if n >= lo:
-            out.append(n)
-        n *= 2
-    return out
-
-
 def build(component: str, variant: str, causal: bool, d: int, heads: int) -> nn.Module:
     if component == "ffn":
         if variant == "dense":
             return SwiGLU(d, 4 * d)
         return ConditionalFeedForward(d, d, capacity=1 / 16, causal=causal)
     if variant == "dense":
-        return MultiHeadAttention(d, heads, make_kernel("dense") if causal else _bidirectional)
+        attn = MultiHeadAttention(d, heads, "dense")
+        if not causal:
+            attn.kernel = ops.attention  # bidirectional: the op without its causal mask
+        return attn
     return ConditionalAttention(d, heads, causal=causal, q_capacity=1 / 16, kv_capacity=1 / 8)
-
-
-def _bidirectional(q, k, v):
-    return ops.attention(q, k, v)
 
 
 def _flops(component, variant, causal, n, d, heads, module, fractions) -> float:
@@ -85,12 +73,11 @@ def _flops(component, variant, causal, n, d, heads, module, fractions) -> float:
         f = module
         return n * conditional_ffn_flops(d, f.light_hidden, f.heavy_hidden, fractions["ffn"])
     if variant == "dense":
-        pairs = n * (n + 1) / 2 if causal else n * n
-        return 8 * d * d * n + 4 * d * pairs
+        return 8 * d * d * n + ops.attention_flops(n, heads, d // heads, causal=causal)
     a = module
     return conditional_attention_flops(
         n, d, heads, a.light_heads, a.window, fractions["q"], fractions["kv"], causal
-    )
+    )["total"]
 
 
 def _row(case, n, args, info) -> dict:
@@ -161,7 +148,7 @@ def run(args) -> list[dict]:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.d_model % args.heads or args.heads < 2:
         raise ValueError("--d-model must be a multiple of --heads, and --heads >= 2")
-    ns = _powers_of_two(args.min_n, args.max_n)
+    ns = powers_of_two(args.min_n, args.max_n, minimum=16)
     device = torch.device(args.device)
     causal_modes = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     cases = [

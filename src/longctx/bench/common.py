@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+from .._util import Progress, append_jsonl, atomic_write, pyplot, save_figure
 
 
 def machine_info(device: torch.device) -> dict:
@@ -174,12 +175,6 @@ def time_call(
 # ------------------------------------------------------------------------- output
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def report(
     table: str,
     summary: dict,
@@ -191,18 +186,12 @@ def report(
     ``lines``, then draw the plot (``plot`` is None when nothing was measured)."""
     print()
     print(table)
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2))
     for line in summary["lines"]:
         print(line)
     if plot is not None:
         png = plot()
         print(f"\nwrote {results}, {out_dir / 'summary.json'} and {png}")
-
-
-def append_jsonl(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
@@ -277,12 +266,12 @@ def sweep(
     to ``results`` (JSONL) as soon as it is done. A progress bar shows the current case."""
     results.write_text("")
     rows: list[dict] = []
-    bar = tqdm(total=len(series) * len(xs), desc=desc, unit="case")
+    bar = Progress(len(series) * len(xs), desc, unit="case")
     for s in series:
         last: dict | None = None
         stop: str | None = None
         for x in xs:
-            bar.set_postfix_str(f"{s} {x:,}")
+            bar.set_postfix(case=f"{s} {x:,}")
             row = make_row(s, x)
             if stop is None:
                 stop = predict_skip(last, row, budget, device, cost=cost, size=size)
@@ -310,11 +299,7 @@ def plot_sweep(
 ) -> Path:
     """Log-log panels of measured rows: one line per series; ``series(row)`` gives
     (label, color key, dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [r for r in rows if r.get("status") == "ok"]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
     groups: dict[tuple, list[dict]] = {}
@@ -342,8 +327,4 @@ def plot_sweep(
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

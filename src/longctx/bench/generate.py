@@ -11,13 +11,13 @@ predicted time exceeds ``--budget`` seconds is recorded as skipped.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from .._util import powers_of_two
 from ..config import load_preset
 from ..model import DecoderLM, ModelConfig
 from ..model.generate import CACHE_POLICIES, generate
@@ -40,12 +40,11 @@ def run(args) -> list[dict]:
     bad = [p for p in policies if p not in CACHE_POLICIES]
     if bad or not policies:
         raise ValueError(f"unknown cache policy {bad}; choose from {CACHE_POLICIES}")
-    if args.min_context < 1 or args.max_context < args.min_context or args.tokens < 1:
-        raise ValueError("need 1 <= --min-context <= --max-context and --tokens >= 1")
-    contexts = [
-        1 << e
-        for e in range(math.ceil(math.log2(args.min_context)), int(math.log2(args.max_context)) + 1)
-    ]
+    if args.tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    contexts = powers_of_two(
+        args.min_context, args.max_context, names="--min-context/--max-context"
+    )
     cfg = ModelConfig.from_dict(load_preset(args.preset).get("model", {}))
     torch.manual_seed(args.seed)
     model = DecoderLM(cfg).eval()
@@ -89,7 +88,7 @@ def run(args) -> list[dict]:
             xlabel="context length",
             panels=[("latency_ms", "per-token latency (ms)"), ("cache_mib", "cache (MiB)")],
             series=lambda r: (r["policy"], r["policy"], False),
-            title=f"decoding, {args.preset} architecture ({cfg.attention}), on {info['cpu']}",
+            title=f"decoding, {args.preset} architecture ({cfg.attention.kind}), on {info['cpu']}",
         )
 
     measured = any(r["status"] == "ok" for r in rows)

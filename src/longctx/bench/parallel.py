@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from .._util import Progress, parse_numbers
 from ..distributed import STRATEGIES, SPGroup
 from ..distributed.launch import spawn
 from ..distributed.shard import shard
@@ -42,7 +42,7 @@ from ..distributed.strategies import (
     ulysses_attention,
     ulysses_bytes,
 )
-from ..nn.attention import make_kernel
+from ..nn.patterns import make_kernel
 from . import common
 
 
@@ -111,16 +111,6 @@ def _formula(strategy, B, H, n, D, world, ws, rs) -> float:
     return f["forward"] + f["backward"]
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} must list positive integers, got {text!r}")
-    return values
-
-
 def run(args) -> list[dict]:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if not strategies or any(s not in STRATEGIES for s in strategies):
@@ -130,9 +120,14 @@ def run(args) -> list[dict]:
         n = args.local_length
         if n % 8:
             raise ValueError(f"--local-length must be a multiple of 8 (n/4 with rate 2), got {n}")
-        points += [("local", P, P * n) for P in _ints(args.worlds, "--worlds")]
+        points += [
+            ("local", P, P * n) for P in parse_numbers(args.worlds, int, "--worlds", positive=True)
+        ]
     if args.sweep in ("both", "global"):
-        points += [("global", args.world, N) for N in _ints(args.global_ns, "--global-ns")]
+        points += [
+            ("global", args.world, N)
+            for N in parse_numbers(args.global_ns, int, "--global-ns", positive=True)
+        ]
     ws, rs = longnet_branches(args.local_length)
     for _, P, N in points:
         if N % (2 * P):
@@ -148,7 +143,8 @@ def run(args) -> list[dict]:
     info = common.machine_info(torch.device("cpu"))
     B, H, D = args.batch, args.heads, args.head_dim
     rows = []
-    for sweep, P, N in tqdm(points, desc="bench parallel", unit="case"):
+    bar = Progress(len(points), "bench parallel", unit="case")
+    for sweep, P, N in points:
         work = (strategies, N, B, H, D, args.reps, ws, rs)
         per_rank = spawn(P, _worker, work, timeout_s=args.timeout)
         for s in strategies:
@@ -177,6 +173,8 @@ def run(args) -> list[dict]:
             row["mib_per_rank"] = row["bytes_per_rank"] / 2**20
             rows.append(row)
             common.append_jsonl(results, row)
+        bar.update(1)
+    bar.close()
     draw = lambda: plot(rows, out_dir / "parallel.png", info)  # noqa: E731
     common.report(common.format_table(rows, COLUMNS), summarize(rows), out_dir, results, draw)
     return rows

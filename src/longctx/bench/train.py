@@ -10,24 +10,27 @@ prediction), which is how the dense model's quadratic cost shows at long context
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
 
+from .._util import powers_of_two
 from ..model import DecoderLM, ModelConfig
 from . import common
 
+# the model options of each series ([model] keys; attention and ffn as their tables)
 PATTERNS = {
     "dense": {"attention": "dense"},
     # LongNet's paper pattern at 1/4 scale (w = 2048..32768 -> 512..8192, same rates)
     "dilated": {
-        "attention": "dilated",
-        "segment_lengths": [512, 1024, 2048, 4096, 8192],
-        "dilation_rates": [1, 2, 4, 6, 12],
+        "attention": {
+            "kind": "dilated",
+            "segment_lengths": [512, 1024, 2048, 4096, 8192],
+            "dilation_rates": [1, 2, 4, 6, 12],
+        }
     },
-    "sliding": {"attention": "sliding_window", "window": 1024},
+    "sliding": {"attention": {"kind": "sliding_window", "window": 1024}},
     "colt5": {"attention": "colt5", "ffn": "colt5"},
 }
 
@@ -56,12 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-out/train"))
 
 
-def _contexts(lo: int, hi: int) -> list[int]:
-    if lo < 16 or hi < lo:
-        raise ValueError(f"need 16 <= --min-context <= --max-context, got {lo} and {hi}")
-    return [1 << e for e in range(math.ceil(math.log2(lo)), int(math.log2(hi)) + 1)]
-
-
 def run(args) -> list[dict]:
     names = [p.strip() for p in args.patterns.split(",") if p.strip()]
     unknown = [p for p in names if p not in PATTERNS]
@@ -70,7 +67,9 @@ def run(args) -> list[dict]:
     for flag in ("d_model", "layers", "heads", "tokens_per_step", "steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
-    contexts = _contexts(args.min_context, args.max_context)
+    contexts = powers_of_two(
+        args.min_context, args.max_context, minimum=16, names="--min-context/--max-context"
+    )
     device = torch.device("cpu")
     info = common.machine_info(device)
     out_dir: Path = args.out

@@ -1,16 +1,30 @@
-"""Tokenizer, corpora and batches. Never imports the model."""
+"""Tokenizer, corpora, synthetic tasks and the training sources built on them. Never
+imports the model."""
 
-from .corpus import Corpus, DataConfig, load_corpus
+from .corpus import Corpus, DataConfig, eval_windows, load_corpus, sample_batch
+from .sources import CorpusSource, TaskSource, TrainingSource, training_source
+from .tasks import TASKS, Example, TaskData, make_example, task_source
 from .tokenizer import BOS, EOD, PAD, VOCAB_SIZE, decode, encode
 
 __all__ = [
     "BOS",
     "EOD",
     "PAD",
+    "TASKS",
     "VOCAB_SIZE",
     "Corpus",
+    "CorpusSource",
     "DataConfig",
+    "Example",
+    "TaskData",
+    "TaskSource",
+    "TrainingSource",
     "decode",
     "encode",
+    "eval_windows",
     "load_corpus",
+    "make_example",
+    "sample_batch",
+    "task_source",
+    "training_source",
 ]

@@ -31,6 +31,9 @@ class DataConfig:
     task_local: float = 0.5  # chance that a question is about a record in its own window
     task_targets: str = "answer"  # "answer" (value tokens) or "question" (also the key)
     task_near: float = 0.0  # chance that a new key is an earlier key with one letter changed
+    # "local" questions ask about a record in the last task_window tokens; the others
+    # about an earlier one (what a memory model must read from memory: its window)
+    task_window: int = 256
 
     def __post_init__(self):
         if not 0 < self.val_percent < 100:
@@ -40,16 +43,20 @@ class DataConfig:
         for name in ("task_questions", "task_local", "task_near"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+        if isinstance(self.task_window, bool) or self.task_window < 1:
+            raise ValueError(f"data.task_window must be >= 1, got {self.task_window}")
         if self.task_targets not in TARGETS:
             raise ValueError(
                 f"data.task_targets must be one of {TARGETS}, got {self.task_targets!r}"
             )
 
     @classmethod
-    def from_dict(cls, data: dict) -> DataConfig:
-        return from_dict(cls, data, "data")
+    def from_dict(cls, data: dict, where: str = "data") -> DataConfig:
+        """From a ``[data]`` table."""
+        return from_dict(cls, data, where)
 
     def to_dict(self) -> dict:
+        """The ``[data]`` table."""
         return to_dict(self)
 
 

@@ -1,4 +1,5 @@
-"""Synthetic long-context retrieval tasks (SPEC section 6), as byte-token examples.
+"""Synthetic long-context retrieval tasks (docs/spec.md, "Evaluations"), as byte-token
+examples.
 
 - passkey (smoke test): a 5-digit number hidden at a depth in repeated filler text; the
   prompt ends with "The pass key is " and the answer is the number.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tokenizer import encode as _encode
+from .tokenizer import encode
 
 TASKS = ("passkey", "kv-retrieval")
 FILLER = (
@@ -37,8 +38,9 @@ class Example:
     depth: float  # where the needle actually is, as a fraction of the context
 
 
-def encode(text: str) -> list[int]:
-    return _encode(text).tolist()
+def _ids(text: str) -> list[int]:
+    """Token ids of ``text`` as a list."""
+    return encode(text).tolist()
 
 
 def _check(length: int, depth: float, minimum: int) -> None:
@@ -57,7 +59,7 @@ def passkey(length: int, depth: float, rng: random.Random) -> Example:
     filler = (FILLER * (room // len(FILLER) + 1))[:room]
     cut = round(depth * room)
     text = filler[:cut] + needle + filler[cut:] + question
-    return Example(encode(text), encode(key), cut / max(room, 1))
+    return Example(_ids(text), _ids(key), cut / max(room, 1))
 
 
 def kv_records(n: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -80,7 +82,7 @@ def kv_retrieval(length: int, depth: float, rng: random.Random) -> Example:
     target = round(depth * (n - 1))
     key, value = records[target]
     text = " " * pad + "".join(f"{k}={v};" for k, v in records) + f"?{key}="
-    return Example(encode(text), encode(value), target / max(n - 1, 1))
+    return Example(_ids(text), _ids(value), target / max(n - 1, 1))
 
 
 def make_example(task: str, length: int, depth: float, rng: random.Random) -> Example:
@@ -158,7 +160,7 @@ def kv_training_example(
         parts.append(item)
         loss += mask
         size += len(item)
-    ids = encode("".join(parts))[: length + 1]
+    ids = _ids("".join(parts))[: length + 1]
     y = [t if m else -100 for t, m in zip(ids[1:], loss[1 : length + 1])]
     return ids[:length], y
 

@@ -1,8 +1,10 @@
-"""Sequence parallelism over torch.distributed (SPEC section 5).
+"""Sequence parallelism over torch.distributed (docs/spec.md, "Sequence parallelism").
 
-One sequence is split over the P ranks of a sequence-parallel group; a strategy replaces
-each attention layer's kernel, so the model code does not change: the model runs on the
-local tokens with their global positions, and only attention talks to other ranks.
+One sequence is split over the P ranks of a sequence-parallel group. The model code does
+not change: :meth:`SequenceParallel.parallelize` asks every layer to compute its share
+(an attention layer takes its pattern's distributed kernel; layers that cannot work on a
+shard refuse with a clear error), the model runs on the local tokens with their global
+positions, and only attention talks to other ranks.
 
 >>> sp = SequenceParallel(SPGroup.world(), "ring")      # inside torchrun / spawn
 >>> sp.parallelize(model)
@@ -14,8 +16,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..nn import MultiHeadAttention
-from ..nn.attention import make_kernel
 from . import shard as _shard
 from .comm import SPGroup, backend_for, init_from_env
 from .strategies import (
@@ -39,13 +39,18 @@ __all__ = [
 ]
 
 
-def default_strategy(attention: str) -> str:
-    """longnet for dilated layers, ring for dense ones, ulysses for the rest."""
-    return {"dilated": "longnet", "dense": "ring"}.get(attention, "ulysses")
+def default_strategy(attention) -> str:
+    """The strategy for a model's attention pattern (a pattern or its kind): the first
+    of the pattern's strategies (longnet for dilated, ring for dense, ulysses for the
+    other patterns that shard)."""
+    from ..nn.patterns import make_pattern
+
+    strategies = make_pattern(attention).strategies
+    return strategies[0] if strategies else "ulysses"
 
 
 class SequenceParallel:
-    """A strategy bound to a group: shards sequences and wraps attention layers."""
+    """A strategy bound to a group: shards sequences and makes modules compute shards."""
 
     def __init__(self, group: SPGroup, strategy: str, *, causal: bool = True):
         self.group = group
@@ -62,55 +67,24 @@ class SequenceParallel:
         return self.group.rank
 
     def shard(self, x: Tensor, dim: int = 1) -> Tensor:
+        """This rank's part of ``x`` (sequence along ``dim``) in the strategy's layout."""
         return _shard.shard(x, dim, self.rank, self.size, self.layout)
 
     def positions(self, n: int, device=None) -> Tensor:
+        """Global positions of this rank's tokens of a length-n sequence."""
         return _shard.local_positions(n, self.rank, self.size, self.layout, device)
 
     def check_length(self, n: int) -> None:
+        """ValueError unless a length-n sequence splits over the group."""
         _shard.check_length(n, self.size, self.layout)
 
-    def kernel(self, cfg):
-        """The attention kernel (q, k, v local shards -> local output) of a model config
-        (``longctx.model.ModelConfig``) under this strategy."""
-        g, causal = self.group, self.causal
-        if cfg.attention == "colt5":
-            raise ValueError(
-                "sequence parallelism does not support CoLT5 attention (its routed heavy "
-                "branch needs the whole sequence's routing); use dense, dilated or "
-                "sliding_window attention"
-            )
-        if self.strategy == "ring":
-            if cfg.attention != "dense":
-                raise ValueError(
-                    f"the ring strategy computes dense attention; this model has "
-                    f"{cfg.attention!r} attention (use ulysses, or longnet for dilated)"
-                )
-            return lambda q, k, v: ring_attention(q, k, v, g, causal=causal, layout=self.layout)
-        if self.strategy == "longnet":
-            if cfg.attention != "dilated":
-                raise ValueError(
-                    f"the longnet strategy computes dilated attention; this model has "
-                    f"{cfg.attention!r} attention (use ring or ulysses)"
-                )
-            ws, rs, offs = cfg.segment_lengths, cfg.dilation_rates, cfg.dilated_offsets
-            return lambda q, k, v: longnet_attention(
-                q, k, v, g, ws, rs, causal=causal, offsets=offs
-            )
-        local = make_kernel(
-            cfg.attention,
-            segment_lengths=cfg.segment_lengths,
-            dilation_rates=cfg.dilation_rates,
-            offsets=cfg.dilated_offsets,
-            window=cfg.window,
-        )
-        return lambda q, k, v: ulysses_attention(q, k, v, g, local)
-
-    def parallelize(self, model: nn.Module) -> nn.Module:
-        """Swap every attention layer's kernel for this strategy's (in place)."""
-        kernel = self.kernel(model.cfg)
-        for block in model.blocks:
-            if not isinstance(block.attn, MultiHeadAttention):
-                raise ValueError("sequence parallelism needs MultiHeadAttention layers")
-            block.attn.kernel = kernel
-        return model
+    def parallelize(self, module: nn.Module) -> nn.Module:
+        """Make every submodule that defines ``sequence_parallel(sp)`` compute its share
+        of a sequence (in place): attention layers take their pattern's distributed
+        kernel; layers that cannot (routing, memory, the n-gram embedding) raise
+        ValueError saying why. Works on any module, not only DecoderLM."""
+        for m in module.modules():
+            hook = getattr(m, "sequence_parallel", None)
+            if callable(hook):
+                hook(self)
+        return module

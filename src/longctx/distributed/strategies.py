@@ -34,10 +34,19 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ..ops._blockwise import run_plan
-from ..ops._kernels import accumulate_tile_grads, attn_fwd, compute_dtype, merge_into
-from ..ops._validate import check_qkv, resolve_scale
-from ..ops.dilated import check_branches, check_coverage, head_offsets, plan_dilated
+from ..ops.lowlevel import (
+    accumulate_tile_grads,
+    attn_fwd,
+    check_branches,
+    check_coverage,
+    check_qkv,
+    compute_dtype,
+    head_offsets,
+    merge_into,
+    plan_dilated,
+    resolve_scale,
+    run_plan,
+)
 from .comm import GroupAllGather, HeadsToSeq, PendingExchange, SeqToHeads, SPGroup, ring_exchange
 from .shard import chunk_ids
 
@@ -99,13 +108,15 @@ class _Ring(torch.autograd.Function):
         lse = q.new_full((B, H, L), float("-inf"), dtype=acc)
         kv = torch.cat([k, v], dim=-1)  # one message per hop
         D = k.shape[-1]
+        written = set()  # query chunks merged into so far (the first visit is a copy)
         for step in range(P):
             pending = PendingExchange(kv, sp, "ring_kv") if step < P - 1 else None
             src = (sp.rank - step) % P
             kb, vb = kv[..., :D], kv[..., D:]
             for rq, rk, diag in _ring_tiles(mine, chunk_ids(src, P, layout), c, causal):
                 o, lb = attn_fwd(q[:, :, rq], kb[:, :, rk], vb[:, :, rk], scale, diag, None)
-                merge_into(out[:, :, rq], lse[:, :, rq], o, lb)
+                merge_into(out[:, :, rq], lse[:, :, rq], o, lb, rq.start not in written)
+                written.add(rq.start)
             if pending is not None:
                 kv = pending.wait()
         out = out.to(q.dtype)

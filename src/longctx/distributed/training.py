@@ -14,16 +14,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.ngram import no_sequence_parallel as ngram_refusal
+from ..nn.routing import NO_SEQUENCE_PARALLEL as ROUTING_REFUSAL
 from . import SequenceParallel, default_strategy
 from .comm import DEFAULT_TIMEOUT_S, SPGroup, init_from_env
-from .strategies import check_longnet, check_ulysses
 
 
 @dataclass
 class ParallelTraining:
+    """Sequence parallelism within groups of P ranks, data parallelism across groups: the
+    training loop's parallel interface (:class:`longctx.train.parallel.Parallel`)."""
+
     sp: SequenceParallel
     rank: int  # global
     world: int
@@ -34,26 +37,28 @@ class ParallelTraining:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def prepare(self, model: nn.Module) -> None:
+        """Every layer computes its share of a sequence (or refuses, with the reason)."""
+        self.sp.parallelize(model)
+
     def batch_index(self, step: int, micro: int, grad_accum: int) -> int:
         """Index of this replica's batch (one process: step * accum + micro)."""
         return (step * grad_accum + micro) * self.dp_size + self.dp_rank
 
-    def local_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """This rank's share of the batch's mean cross-entropy (the shares of the P ranks
-        of a group sum to it)."""
-        pos = self.sp.positions(x.shape[1], x.device)
-        logits = model(self.sp.shard(x, 1), positions=pos)  # (B, n, V)
-        yl = self.sp.shard(y, 1)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yl.reshape(-1), reduction="sum")
-        return ce / y.numel()
+    def shard(self, x: Tensor, y: Tensor):
+        """This rank's shard of every sequence, its global positions, and the batch's
+        target count (so that the P ranks' losses sum to the batch's mean)."""
+        positions = self.sp.positions(x.shape[1], x.device)
+        return self.sp.shard(x, 1), self.sp.shard(y, 1), positions, int((y >= 0).sum())
 
-    def replica_mean(self, values: list[float]) -> list[float]:
+    def mean(self, values: list[float]) -> list[float]:
         """Per-group sums of per-rank values, averaged over replicas (one all-reduce)."""
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
         return (t / self.dp_size).tolist()
 
-    def all_reduce_grads(self, model: nn.Module) -> None:
+    def reduce_gradients(self, model: nn.Module) -> None:
+        """Sum gradients over all ranks, divide by the replicas (one all-reduce)."""
         params = [p for p in model.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -74,20 +79,23 @@ class ParallelTraining:
     def barrier(self) -> None:
         dist.barrier()
 
-    @torch.no_grad()
-    def evaluate_bpb(self, model: nn.Module, windows: list[Tensor], batch: int) -> float:
-        """Mean bits per token over validation windows (N + 1 tokens each), sharded like
-        training; every replica evaluates all windows."""
-        was = model.training
-        model.eval()
-        total, count = 0.0, 0
-        for i in range(0, len(windows), batch):
-            w = torch.stack(windows[i : i + batch])
-            total += float(self.local_loss(model, w[:, :-1], w[:, 1:])) * w[:, 1:].numel()
-            count += w[:, 1:].numel()
-        model.train(was)
-        (total,) = self.replica_mean([total])
-        return total / count / torch.log(torch.tensor(2.0)).item()
+    def broadcast(self, values: list) -> list:
+        """Rank 0's values, on every rank."""
+        box = list(values)
+        dist.broadcast_object_list(box, src=0)
+        return box
+
+    def describe(self) -> str:
+        sp = self.sp
+        return (
+            f"sequence parallel: {sp.size} ranks, strategy {sp.strategy} ({sp.layout} "
+            f"layout); data parallel: {self.dp_size} replica(s)"
+        )
+
+    def close(self) -> None:
+        """Leave the process group."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def setup_training(
@@ -104,6 +112,7 @@ def setup_training(
     if sequence_parallel < 1:
         raise ValueError(f"--sequence-parallel must be >= 1, got {sequence_parallel}")
     strategy = strategy or default_strategy(model_cfg.attention)
+    check_model(None, model_cfg, context, strategy=strategy)  # before joining the job
     rank, world = init_from_env(device, timeout_s)
     P = sequence_parallel
     if world % P:
@@ -120,16 +129,17 @@ def setup_training(
     return ParallelTraining(sp=sp, rank=rank, world=world, dp_rank=rank // P, dp_size=world // P)
 
 
-def check_model(sp: SequenceParallel, cfg, context: int) -> None:
-    """ValueError unless this model and context run under the strategy."""
+def check_model(sp: SequenceParallel | None, cfg, context: int, *, strategy=None) -> None:
+    """ValueError unless this model and context run under the strategy (``sp``'s, or
+    ``strategy`` before the group exists): the model's layers and its attention pattern
+    say what they refuse."""
     if cfg.ngram > 1:
-        raise ValueError(
-            f"model.ngram = {cfg.ngram} is not supported with sequence parallelism (each "
-            "shard would need the tokens before it); use model.ngram = 1"
-        )
-    sp.kernel(cfg)  # pattern/strategy compatibility
+        raise ValueError(ngram_refusal(cfg.ngram))
+    if cfg.ffn.kind == "colt5":
+        raise ValueError(ROUTING_REFUSAL)
+    if sp is None:
+        if strategy is not None:
+            cfg.attention.check_sequence_parallel(strategy, 1, cfg.n_heads, context)
+        return
     sp.check_length(context)
-    if sp.strategy == "ulysses":
-        check_ulysses(cfg.n_heads, sp.size)
-    if sp.strategy == "longnet":
-        check_longnet(context, sp.size, cfg.segment_lengths, cfg.dilation_rates)
+    cfg.attention.check_sequence_parallel(sp.strategy, sp.size, cfg.n_heads, context)

@@ -3,19 +3,36 @@ context lengths beyond training (extrapolation). Writes eval/eval.json and PNG p
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+import torch
+from torch import Tensor
 
-from ..data import DataConfig, load_corpus
-from ..data.corpus import eval_windows
-from ..data.tasks import task_source
-from ..model.checkpoint import latest_checkpoint, load_model
-from ..model.lm import bits_per_position
+from .._util import LN2, Progress, atomic_write_json, pyplot, save_figure
+from ..data import Corpus, DataConfig, eval_windows, load_corpus, task_source
+from ..model import DecoderLM, latest_checkpoint, load_model
+from ..train import RunConfig
+
+
+@torch.no_grad()
+def bits_per_position(
+    model: DecoderLM, windows: list[Tensor], batch: int, progress: Progress | None = None
+) -> np.ndarray:
+    """Mean bits per token (= per byte) at each position over equal-length windows of
+    token ids (each (N + 1,)): a float64 numpy array (N,). ``progress`` counts batches.
+    The model's train/eval mode is left as it was."""
+    was_training = model.training
+    model.eval()
+    total = None
+    for i in range(0, len(windows), batch):
+        nll = model.nll_per_position(torch.stack(windows[i : i + batch])).sum(dim=0)  # (N,)
+        total = nll if total is None else total + nll
+        if progress is not None:
+            progress.update(1)
+    model.train(was_training)
+    return (total / len(windows) / LN2).cpu().numpy()
 
 
 def position_buckets(context: int, n_buckets: int) -> list[tuple[int, int]]:
@@ -33,10 +50,19 @@ def evaluate_run(
     buckets: int = 12,
     batch: int = 4,
     progress: bool = True,
+    model: DecoderLM | None = None,
+    corpus: Corpus | None = None,
 ) -> dict:
+    """Bits per byte of a run's latest checkpoint (or ``model``, e.g. the one just
+    trained) on its validation text, by position and at several context lengths (default
+    1x, 2x, 4x the training context); writes eval/eval.json and plots; returns the
+    results. ``corpus``: the run's corpus if already loaded."""
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir / "checkpoints")
-    model, state = load_model(ckpt)
+    if model is None:
+        model, state = load_model(ckpt)
+    else:
+        state = _state_of(ckpt)
     model.eval()
     cfg = state["config"]
     train_ctx = int(cfg["train"]["context"])
@@ -51,7 +77,7 @@ def evaluate_run(
             f"{run_dir} was trained on {cfg['data']['source']}, not text: evaluate it with "
             f"--task {task}"
         )
-    corpus = load_corpus(DataConfig.from_dict(cfg["data"]))
+    corpus = corpus or load_corpus(DataConfig.from_dict(cfg["data"]))
     results: dict = {
         "run_dir": str(run_dir),
         "checkpoint": str(ckpt),
@@ -67,12 +93,9 @@ def evaluate_run(
         except ValueError as exc:
             results["by_context"].append({"context": ctx, "skipped": str(exc)})
             continue
-        per_pos = bits_per_position(
-            model,
-            wins,
-            batch,
-            lambda it, ctx=ctx: tqdm(it, desc=f"eval ctx={ctx}", disable=not progress, leave=False),
-        )
+        steps = -(-len(wins) // batch)
+        with Progress(steps, f"eval ctx={ctx}", enabled=progress, leave=False) as bar:
+            per_pos = bits_per_position(model, wins, batch, bar)
         entry = {
             "context": ctx,
             "windows": len(wins),
@@ -89,19 +112,20 @@ def evaluate_run(
     results["seconds"] = time.monotonic() - t0
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
-    tmp = out / "eval.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "eval.json")
+    atomic_write_json(out / "eval.json", results)
     results["plots"] = _plot(results, out)
     return results
 
 
+def _state_of(ckpt: Path) -> dict:
+    """A checkpoint's state.json (step and config), for a model given in memory."""
+    from ..model import load_checkpoint
+
+    return load_checkpoint(ckpt, [])[1]
+
+
 def _plot(results: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for entry in results["by_context"]:
@@ -123,8 +147,7 @@ def _plot(results: dict, out: Path) -> list[str]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(_save(fig, out / "bpb_by_position.png"))
-    plt.close(fig)
+    paths.append(str(save_figure(fig, out / "bpb_by_position.png")))
 
     done = [e for e in results["by_context"] if "bpb" in e]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -137,16 +160,8 @@ def _plot(results: dict, out: Path) -> list[str]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(_save(fig, out / "bpb_by_context.png"))
-    plt.close(fig)
+    paths.append(str(save_figure(fig, out / "bpb_by_context.png")))
     return paths
-
-
-def _save(fig, path: Path) -> str:
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    return str(path)
 
 
 def run_info(run_dir: Path) -> dict:
@@ -158,9 +173,12 @@ def run_info(run_dir: Path) -> dict:
         "checkpoint": str(ckpt),
         "step": state["step"],
         "tokens": state.get("tokens"),
-        "config": state["config"],
+        "config": RunConfig.from_dict(state["config"]).to_dict(),  # as read now
         "parameters": model.num_params(),
         "non_embedding_parameters": model.num_params(non_embedding=True),
         "context": ctx,
         "flops_per_token": model.flops_per_token(ctx),
     }
+
+
+__all__ = ["bits_per_position", "evaluate_run", "position_buckets", "run_info"]

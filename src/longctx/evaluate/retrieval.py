@@ -1,6 +1,6 @@
-"""Retrieval evaluations (SPEC section 6): passkey and kv-retrieval accuracy over a grid
-of context lengths x needle depths, with a 95% Wilson confidence interval per cell, a
-JSON file and a heatmap.
+"""Retrieval evaluations (docs/spec.md, "Evaluations"): passkey and kv-retrieval accuracy
+over a grid of context lengths x needle depths, with a 95% Wilson confidence interval per
+cell, a JSON file and a heatmap.
 
 A trial counts as correct when the model's greedy continuation of the prompt is exactly
 the answer. That is decided in one teacher-forced forward pass over prompt + answer: the
@@ -10,15 +10,14 @@ answer token.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from .._util import Progress, atomic_write_json, pyplot, save_figure
 from ..data.tasks import TASKS, make_example
 from ..model import DecoderLM
 
@@ -64,6 +63,8 @@ def evaluate_retrieval(
     batch: int = 4,
     progress: bool = True,
 ) -> dict:
+    """Exact-match accuracy of ``task`` over lengths x depths, ``trials`` per cell (each
+    with its 95% Wilson interval), and per length."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
     if trials < 1:
@@ -71,7 +72,8 @@ def evaluate_retrieval(
     if not lengths or not depths:
         raise ValueError("need at least one context length and one depth")
     cells = []
-    bar = tqdm(total=len(lengths) * len(depths) * trials, desc=f"eval {task}", disable=not progress)
+    total = len(lengths) * len(depths) * trials
+    bar = Progress(total, f"eval {task}", unit="trial", enabled=progress)
     t0 = time.monotonic()
     for length in lengths:
         for depth in depths:
@@ -117,11 +119,8 @@ def evaluate_retrieval(
 
 
 def plot_heatmap(result: dict, path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Accuracy per (depth, length) cell as a heatmap PNG."""
+    plt = pyplot()
     lengths, depths = result["lengths"], result["depths"]
     grid = torch.zeros(len(depths), len(lengths))
     for c in result["cells"]:
@@ -140,18 +139,12 @@ def plot_heatmap(result: dict, path: Path, title: str = "") -> Path:
         title or f"{result['task']} ({result['trials_per_cell']} trials per cell)", fontsize=9
     )
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_results(result: dict, out_dir: Path, title: str = "") -> tuple[Path, Path]:
+    """Write ``<task>.json`` and ``<task>.png`` (the heatmap) under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     name = result["task"].replace("-", "_")
-    js = out_dir / f"{name}.json"
-    tmp = js.with_name(js.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(js)
+    js = atomic_write_json(out_dir / f"{name}.json", result)
     return js, plot_heatmap(result, out_dir / f"{name}.png", title)

@@ -1,6 +1,31 @@
-"""The decoder language model and its config. Single-device code (no torch.distributed)."""
+"""The decoder language model, its config, checkpoints and generation. Single-device code
+(it never imports torch.distributed)."""
 
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from .config import ModelConfig
-from .lm import DecoderLM
+from .generate import CACHE_POLICIES, Generation, generate, prefill_chunk
+from .lm import DecoderBlock, DecoderLM, LossTerms
 
-__all__ = ["DecoderLM", "ModelConfig"]
+__all__ = [
+    "CACHE_POLICIES",
+    "CheckpointError",
+    "DecoderBlock",
+    "DecoderLM",
+    "Generation",
+    "LossTerms",
+    "ModelConfig",
+    "generate",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model",
+    "prefill_chunk",
+    "save_checkpoint",
+]

@@ -4,7 +4,9 @@ Written atomically: files go to a hidden temporary directory, are flushed to dis
 directory is renamed into place, so a crash never leaves a half-written checkpoint under a
 real name and never touches earlier ones. ``state.json`` records the sha256 of every
 tensor file; loading verifies them and names the checkpoint and file when one is
-truncated or corrupt.
+truncated or corrupt. ``state.json`` also records the format version
+(:data:`longctx.config.FORMAT_VERSION`): older checkpoints load (their config is
+translated), a newer one is a clear error.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..config import FORMAT_VERSION, check_format_version
 from .config import ModelConfig
 from .lm import DecoderLM
 
@@ -54,8 +57,8 @@ def save_checkpoint(
     """Write ``ckpt_root/step-<step>/`` with one ``<name>.safetensors`` per entry of
     ``tensors`` and ``state.json``; return its path."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"{STEP_PREFIX}{step:08d}"
-    tmp = ckpt_root / f".tmp-{STEP_PREFIX}{step:08d}-{os.getpid()}"
+    final = ckpt_root / checkpoint_name(step)
+    tmp = ckpt_root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -64,7 +67,7 @@ def save_checkpoint(
         path = tmp / f"{name}.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(path))
         hashes[path.name] = _sha256(path)
-    state = dict(state, step=step, files=hashes)
+    state = dict(state, format_version=FORMAT_VERSION, step=step, files=hashes)
     with (tmp / "state.json").open("w") as f:
         json.dump(state, f, indent=2)
         f.flush()
@@ -88,6 +91,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints, and leftovers of killed writers."""
     for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for tmp in ckpt_root.glob(f".tmp-{STEP_PREFIX}*"):  # leftovers of a killed writer
@@ -106,6 +110,12 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path} has no state.json (incomplete?)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path}: state.json is corrupt ({exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: state.json is not a table")
+    try:
+        check_format_version(state.get("format_version", 1), f"checkpoint {path}")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     files = state.get("files")
     if not isinstance(files, dict):
         raise CheckpointError(f"checkpoint {path}: state.json lists no tensor files")
@@ -128,7 +138,13 @@ def load_checkpoint(
     return out, state
 
 
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint of ``step``."""
+    return f"{STEP_PREFIX}{step:08d}"
+
+
 def latest_checkpoint(ckpt_root: Path) -> Path:
+    """The newest complete checkpoint directory (CheckpointError if there is none)."""
     ckpts = list_checkpoints(ckpt_root)
     if not ckpts:
         raise CheckpointError(f"no checkpoint under {ckpt_root}")
@@ -136,7 +152,8 @@ def latest_checkpoint(ckpt_root: Path) -> Path:
 
 
 def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[DecoderLM, dict]:
-    """A model and its checkpoint state from a checkpoint directory."""
+    """A model and its checkpoint state from a checkpoint directory (any format version
+    this longctx reads; the model is moved to ``map_location``)."""
     tensors, state = load_checkpoint(path, ["model"])
     try:
         cfg = ModelConfig.from_dict(state["config"]["model"])
@@ -144,6 +161,8 @@ def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[De
         raise CheckpointError(
             f"checkpoint {path}: state.json has no model config ({exc})"
         ) from None
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: its model config is invalid: {exc}") from None
     model = DecoderLM(cfg)
     try:
         model.load_state_dict(tensors["model"])

@@ -1,61 +1,176 @@
+"""The decoder's config: ``[model]`` scalars, ``[model.attention]`` (an attention pattern:
+``kind`` and its keys) and ``[model.ffn]`` (a feed-forward kind).
+
+Older configs (longctx 0.1, format version 1) kept every option in one flat ``[model]``
+table (``attention = "dilated"``, ``segment_lengths``, ``colt5_window``,
+``memory_layers``, ...). Those keys are still read, from presets, TOML files, ``--set``,
+saved ``config.json`` files and the Python constructor: they are translated into the
+nested tables with a :class:`FutureWarning` that says so (:func:`translate_legacy`).
+"""
+
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import from_dict, to_dict
-from ..nn.attention import ATTENTION_PATTERNS
-from ..nn.memory import FAISS_INDEXES, MEMORY_POSITIONS, RETRIEVALS
-from ..ops.dilated import OFFSET_MODES, check_branches
+from ..nn.feedforward import FeedForwardKind, SwiGLUFFN, make_ffn
+from ..nn.patterns import Dense, Pattern, make_pattern
 
-MODEL_ATTENTION = (*ATTENTION_PATTERNS, "colt5")
-MODEL_FFN = ("swiglu", "colt5")
+# flat keys of format 1, by the kind they configure, and their names in the nested table
+_LEGACY_ATTENTION = {
+    "dilated": {
+        "segment_lengths": "segment_lengths",
+        "dilation_rates": "dilation_rates",
+        "dilated_offsets": "offsets",
+    },
+    "sliding_window": {"window": "window"},
+    "colt5": {
+        "colt5_light_heads": "light_heads",
+        "colt5_window": "window",
+        "colt5_q_capacity": "q_capacity",
+        "colt5_kv_capacity": "kv_capacity",
+    },
+    "memory": {
+        "memory_layers": "layers",
+        "memory_window": "window",
+        "memory_capacity": "capacity",
+        "memory_retrieval": "retrieval",
+        "memory_topk": "topk",
+        "memory_positions": "positions",
+        "memory_faiss_index": "faiss_index",
+        "memory_separator": "separator",
+    },
+}
+_LEGACY_FFN = {
+    "colt5": {
+        "colt5_capacity": "capacity",
+        "colt5_light_hidden": "light_hidden",
+        "colt5_heavy_hidden": "heavy_hidden",
+    }
+}
+LEGACY_KEYS = frozenset(
+    k for table in (*_LEGACY_ATTENTION.values(), *_LEGACY_FFN.values()) for k in table
+)
 
 
-@dataclass
+def translate_legacy(data: dict[str, Any], where: str = "model") -> tuple[dict, dict[str, str]]:
+    """Translate a format-1 flat ``[model]`` table into the nested one.
+
+    Returns the new table and {new dotted key: old dotted key} for every translated key
+    (so that an error about a value can name the key the user wrote). Flat keys that do
+    not apply to the resulting kinds are dropped (format 1 saved every key, used or
+    not). A table without flat keys is returned unchanged."""
+    old = {k: v for k, v in data.items() if k in LEGACY_KEYS}
+    if not old:
+        return data, {}
+    new = {k: v for k, v in data.items() if k not in LEGACY_KEYS}
+    renamed: dict[str, str] = {}
+    attention = _table(new.get("attention", "dense"), "dense")
+    kind = attention.get("kind", "dense")
+    if old.get("memory_layers"):
+        if kind != "dense":
+            raise ValueError(
+                "memory layers process inputs window by window with dense attention inside "
+                f"each window; model.attention must be 'dense', got {kind!r}"
+            )
+        kind = attention["kind"] = "memory"
+    ffn = _table(new.get("ffn", "swiglu"), "swiglu")
+    targets = (
+        ("attention", attention, _LEGACY_ATTENTION.get(kind, {})),
+        ("ffn", ffn, _LEGACY_FFN.get(ffn.get("kind", "swiglu"), {})),
+    )
+    for name, table, mapping in targets:
+        for key, value in old.items():
+            if key in mapping:
+                table[mapping[key]] = value
+                renamed[f"{where}.{name}.{mapping[key]}"] = f"{where}.{key}"
+        new[name] = table
+    warnings.warn(
+        f"{where}: the flat keys of longctx 0.1 ({', '.join(sorted(old))}) are deprecated; "
+        f"read as [{where}.attention] kind = {kind!r} and [{where}.ffn] kind = "
+        f"{ffn.get('kind', 'swiglu')!r} (keys that do not apply to those kinds are "
+        "dropped). Write the nested tables instead, e.g. [model.attention] with kind and "
+        "its keys.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return new, renamed
+
+
+def _table(value: Any, default_kind: str) -> dict:
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, str):
+        return {"kind": value}
+    if isinstance(value, (Pattern, FeedForwardKind)):
+        return value.to_dict()
+    return {"kind": default_kind} if value is None else value
+
+
+@contextlib.contextmanager
+def _naming_old_keys(renamed: dict[str, str]):
+    """Errors about a translated key also name the key the user wrote."""
+    try:
+        yield
+    except ValueError as exc:
+        msg = str(exc)
+        notes = [f"{new} was set as {old}" for new, old in renamed.items() if new in msg]
+        if not notes:
+            raise
+        raise ValueError(f"{msg} ({'; '.join(notes)}, a deprecated key)") from None
+
+
+@dataclass(init=False)
 class ModelConfig:
-    """Decoder LM: byte vocabulary, pre-norm blocks (RMSNorm, rotary multi-head attention,
-    SwiGLU), tied embeddings. ``attention`` picks the pattern of every layer, ``ffn`` the
-    feed-forward: ``swiglu``, or ``colt5`` (routed, causal; longctx.nn.colt5). The
-    ``colt5_*`` keys size CoLT5 layers (0 = the paper's default)."""
+    """Decoder LM: byte vocabulary, pre-norm blocks (RMSNorm, attention with rotary
+    positions, feed-forward), tied embeddings.
+
+    ``attention`` is the attention pattern of the layers (a registered kind, a table
+    ``{"kind": ..., **keys}`` or a :class:`~longctx.nn.Pattern`; default dense) and
+    ``ffn`` the feed-forward kind (``swiglu`` or ``colt5``). Keyword arguments only;
+    the flat keys of longctx 0.1 are translated with a warning."""
 
     vocab_size: int = 264  # 256 bytes + specials, padded to a multiple of 8
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
     ffn_hidden: int = 0  # 0: about 8/3 * d_model, rounded up to a multiple of 64
-    attention: str = "dense"
-    segment_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
-    dilation_rates: list[int] = field(default_factory=lambda: [1, 2, 4])
-    dilated_offsets: str = "paper"
-    window: int = 256
     rope_base: float = 10000.0
     # n >= 2: each input also sums learned embeddings of the n - 1 tokens before it, one
     # table per offset (longctx.nn.ngram); 1: off
     ngram: int = 1
-    ffn: str = "swiglu"
-    colt5_capacity: float = 1 / 16  # fraction of tokens through the heavy feed-forward
-    colt5_q_capacity: float = 1 / 16  # routed queries of the heavy attention
-    colt5_kv_capacity: float = 1 / 8  # routed keys/values of the heavy attention
-    colt5_light_heads: int = 0  # 0: n_heads // 4 (at least 1)
-    colt5_window: int = 128  # light local attention: each token sees itself + 127 before
-    colt5_light_hidden: int = 0  # 0: hidden // 2
-    colt5_heavy_hidden: int = 0  # 0: 4 * hidden
-    colt5_aux_weight: float = 0.01  # weight of the routers' auxiliary loss
-    # memory attention (Focused Transformer): these layers read a memory of earlier
-    # windows; inputs are processed window by window (longctx.nn.memory)
-    memory_layers: list[int] = field(default_factory=list)
-    memory_window: int = 256
-    memory_capacity: int = 65536  # entries per layer and batch row (FIFO)
-    memory_retrieval: str = "dense"
-    memory_topk: int = 32
-    memory_positions: str = "zero"
-    memory_faiss_index: str = "flat"
-    memory_separator: int = 256  # a token that ends a document (clears memory); -1: none
     norm_eps: float = 1e-5
     init_std: float = 0.02
     # std of the fused query/key/value projections' initial weights (0: init_std); a larger
     # one shortens the loss plateau before attention learns to match content
     attn_init_std: float = 0.0
+    colt5_aux_weight: float = 0.01  # weight of the CoLT5 routers' auxiliary loss
+    attention: Pattern = field(default_factory=Dense)
+    ffn: FeedForwardKind = field(default_factory=SwiGLUFFN)
+
+    def __init__(self, **kwargs):
+        kwargs, renamed = translate_legacy(kwargs)
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) {', '.join('model.' + k for k in unknown)}; valid keys in "
+                f"model: {', '.join(sorted(names))}"
+            )
+        for f in dataclasses.fields(self):
+            if f.name in kwargs:
+                value = kwargs[f.name]
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                value = f.default
+            setattr(self, f.name, value)
+        with _naming_old_keys(renamed):
+            self.__post_init__()
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
@@ -74,7 +189,7 @@ class ModelConfig:
             )
         if isinstance(self.ngram, bool) or not isinstance(self.ngram, int) or self.ngram < 1:
             raise ValueError(f"model.ngram must be an integer >= 1 (1 = off), got {self.ngram!r}")
-        for name in ("init_std", "attn_init_std"):
+        for name in ("init_std", "attn_init_std", "colt5_aux_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"model.{name} must be a number >= 0, got {value!r}")
@@ -82,91 +197,33 @@ class ModelConfig:
             raise ValueError("model.init_std must be > 0")
         if self.ffn_hidden < 0:
             raise ValueError(f"model.ffn_hidden must be >= 0, got {self.ffn_hidden}")
-        if self.attention not in MODEL_ATTENTION:
-            raise ValueError(
-                f"model.attention must be one of {MODEL_ATTENTION}, got {self.attention!r}"
-            )
-        if self.ffn not in MODEL_FFN:
-            raise ValueError(f"model.ffn must be one of {MODEL_FFN}, got {self.ffn!r}")
-        self._check_colt5()
-        self._check_memory()
-        if self.dilated_offsets not in OFFSET_MODES:
-            raise ValueError(
-                f"model.dilated_offsets must be one of {OFFSET_MODES}, got {self.dilated_offsets!r}"
-            )
-        if self.attention == "dilated":
-            check_branches(self.segment_lengths, self.dilation_rates, self.dilated_offsets)
-            if 1 not in self.dilation_rates:
-                raise ValueError(
-                    "model.dilation_rates needs a branch with rate 1 so that every position "
-                    f"is covered at every length, got {self.dilation_rates}"
-                )
-        if self.window < 1:
-            raise ValueError(f"model.window must be >= 1, got {self.window}")
         if self.rope_base <= 1:
             raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
+        self.attention = make_pattern(self.attention, "model.attention")
+        self.ffn = make_ffn(self.ffn, "model.ffn")
+        self.attention.check_model(self.d_model, self.n_heads, self.n_layers)
 
-    def _check_colt5(self) -> None:
-        for name in ("colt5_capacity", "colt5_q_capacity", "colt5_kv_capacity"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"model.{name} must be a fraction in [0, 1], got {value!r}")
-            if not 0 <= value <= 1:
-                raise ValueError(f"model.{name} must be a fraction in [0, 1], got {value}")
-            setattr(self, name, float(value))
-        for name in ("colt5_light_heads", "colt5_light_hidden", "colt5_heavy_hidden"):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"model.{name} must be >= 0 (0 = default), got {getattr(self, name)}"
+    def __getattr__(self, name: str):
+        """Reading a flat key of longctx 0.1 (``cfg.segment_lengths``, ...) still works,
+        with a FutureWarning: it reads the nested table's key (or, when the model's kind
+        has no such key, the value longctx 0.1 would have had: that kind's default)."""
+        for table, legacy in (("attention", _LEGACY_ATTENTION), ("ffn", _LEGACY_FFN)):
+            for kind, mapping in legacy.items():
+                if name not in mapping:
+                    continue
+                warnings.warn(
+                    f"ModelConfig.{name} is deprecated; read model.{table}.{mapping[name]}",
+                    FutureWarning,
+                    stacklevel=2,
                 )
-        if self.colt5_window < 1:
-            raise ValueError(f"model.colt5_window must be >= 1, got {self.colt5_window}")
-        if self.colt5_aux_weight < 0:
-            raise ValueError(f"model.colt5_aux_weight must be >= 0, got {self.colt5_aux_weight}")
-        if self.attention == "colt5":
-            if self.n_heads < 2:
-                raise ValueError(
-                    "model.attention = 'colt5' needs n_heads >= 2 (light and heavy heads)"
-                )
-            if not self.colt5_light_heads < self.n_heads:
-                raise ValueError(
-                    f"model.colt5_light_heads ({self.colt5_light_heads}) must be < n_heads "
-                    f"({self.n_heads}) so that the heavy branch has heads"
-                )
-
-    def _check_memory(self) -> None:
-        layers = self.memory_layers
-        if not isinstance(layers, list) or any(
-            isinstance(i, bool) or not isinstance(i, int) for i in layers
-        ):
-            raise ValueError(f"model.memory_layers must be a list of layer indices, got {layers!r}")
-        bad = [i for i in layers if not 0 <= i < self.n_layers]
-        if bad or len(set(layers)) != len(layers):
-            raise ValueError(
-                f"model.memory_layers must hold distinct indices in [0, {self.n_layers - 1}], "
-                f"got {layers}"
-            )
-        for name in ("memory_window", "memory_capacity", "memory_topk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        for name, allowed in (
-            ("memory_retrieval", RETRIEVALS),
-            ("memory_positions", MEMORY_POSITIONS),
-            ("memory_faiss_index", FAISS_INDEXES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
-                )
-        if layers and self.attention != "dense":
-            raise ValueError(
-                "memory layers process inputs window by window with dense attention inside "
-                f"each window; model.attention must be 'dense', got {self.attention!r}"
-            )
-
-    @property
-    def light_heads(self) -> int:
-        return self.colt5_light_heads or max(1, self.n_heads // 4)
+                current = self.__dict__.get(table)
+                if current is not None and current.kind == kind:
+                    return getattr(current, mapping[name])
+                if name == "memory_layers":
+                    return []
+                make = make_pattern if table == "attention" else make_ffn
+                return getattr(make(kind), mapping[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def head_dim(self) -> int:
@@ -174,13 +231,23 @@ class ModelConfig:
 
     @property
     def hidden(self) -> int:
+        """The feed-forward hidden size."""
         if self.ffn_hidden:
             return self.ffn_hidden
         return -(-(8 * self.d_model // 3) // 64) * 64
 
     @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
-        return from_dict(cls, data, "model")
+    def from_dict(cls, data: dict, where: str = "model") -> ModelConfig:
+        """From a ``[model]`` table (nested, or the flat keys of format 1)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} must be a table of keys, got {data!r}")
+        data, renamed = translate_legacy(data, where)
+        with _naming_old_keys(renamed):
+            return from_dict(cls, data, where)
 
     def to_dict(self) -> dict:
+        """The ``[model]`` table, nested (format 2)."""
         return to_dict(self)
+
+
+__all__ = ["LEGACY_KEYS", "ModelConfig", "translate_legacy"]

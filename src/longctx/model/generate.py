@@ -1,17 +1,17 @@
-"""Generation with three cache policies.
+"""Generation: one prefill/decode loop over the model's state, with three cache policies.
 
-- ``full``: static preallocated key/value buffers per layer, written by index.
-- ``dilated``: for dilated-attention layers, the bounded exact cache (per branch and head
-  only the current segment's keys of the head's residue); other layers fall back to
-  ``full`` (the result says so).
-- CoLT5 layers keep their own state under ``full`` and ``dilated``: the light heads' last
-  window of keys, and the routed keys/values with their positions. Routing is causal, so
-  decoding routes each new token exactly as the full forward would.
+- ``full``: every layer's decode state holds all its keys and values (static buffers
+  written by index); CoLT5 layers hold their light window and routed keys, memory layers
+  their memory and current window.
+- ``dilated``: dilated layers keep the bounded exact cache (per branch and head only the
+  current segment's keys of the head's residue); other layers keep what ``full`` keeps,
+  and the result's note says so.
 - ``none``: no state between steps; every step recomputes the forward over all tokens
   (attention is an RNN over its history: the memory/time trade-off taken to its end).
-  The attention ops are memory-efficient, so peak memory is one layer's activations.
 
-The prompt is prefilled in chunks (bounded memory), then tokens are decoded one by one.
+The prompt is prefilled in chunks (bounded memory; for dilated layers aligned to the lcm
+of the segment lengths), then tokens are decoded one by one. Every step's logits equal
+the full forward over the same tokens.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..nn.colt5 import ConditionalAttention, ConditionalAttentionCache
-from .cache import DilatedKVCache, FullKVCache, MemoryDecodeState, dilated_chunk_multiple
 from .lm import DecoderLM
 
 CACHE_POLICIES = ("full", "dilated", "none")
@@ -33,6 +31,8 @@ DEFAULT_PREFILL = 1024
 
 @dataclass
 class Generation:
+    """What :func:`generate` produced, with its timing and cache size per step."""
+
     tokens: list[int]  # the new tokens (batch row 0 for batched prompts: see ``batch``)
     batch: Tensor  # (B, n_new) all rows
     step_seconds: list[float] = field(default_factory=list)  # per new token
@@ -49,34 +49,10 @@ class Generation:
 
 
 def prefill_chunk(model: DecoderLM, requested: int = DEFAULT_PREFILL) -> int:
-    """Prefill chunk length: for dilated layers a multiple of lcm(segment lengths)."""
-    if model.cfg.attention != "dilated":
-        return requested
-    m = dilated_chunk_multiple(model.cfg)
+    """Prefill chunk length: a multiple of what the model's layers need (dilated: the lcm
+    of the segment lengths), as close to ``requested`` as that allows."""
+    m = model.prefill_multiple()
     return m * max(1, requested // m)
-
-
-def make_caches(model: DecoderLM, policy: str, batch: int, capacity: int, dtype, device):
-    if policy == "none":
-        return None, ""
-    if model.cfg.memory_layers:  # memory, plus a cache of the current window
-        note = "" if policy == "full" else f"cache={policy!r}: memory models keep memory + window"
-        return MemoryDecodeState(model, batch, dtype, device), note
-    note = ""
-    if policy == "dilated" and model.cfg.attention != "dilated":
-        note = (
-            f"cache='dilated' on a model with {model.cfg.attention!r} attention: no layer is "
-            "dilated, so every layer uses the full cache"
-        )
-    caches = []
-    for block in model.blocks:
-        if isinstance(block.attn, ConditionalAttention):  # its own state, any policy
-            caches.append(ConditionalAttentionCache(block.attn, batch, capacity, dtype, device))
-        elif policy == "dilated" and model.cfg.attention == "dilated":
-            caches.append(DilatedKVCache(model.cfg, batch, dtype, device))
-        else:
-            caches.append(FullKVCache(model.cfg, batch, capacity, dtype, device))
-    return caches, note
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, gen):
@@ -114,14 +90,6 @@ def _check_args(policy, max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _cache_bytes(caches) -> int:
-    if caches is None:
-        return 0
-    if isinstance(caches, MemoryDecodeState):
-        return caches.nbytes
-    return sum(c.nbytes for c in caches)
-
-
 @torch.no_grad()
 def generate(
     model: DecoderLM,
@@ -140,9 +108,10 @@ def generate(
 ) -> Generation:
     """Continue ``tokens`` (a prompt of ids, or (B, N) tensor) by up to max_new_tokens.
 
-    ``temperature`` 0 is greedy. ``stop``: token-id sequences; generation ends when row 0
-    ends with one of them (included in the output). ``on_token`` is called with each new
-    token of row 0 as it is produced (streaming).
+    ``cache``: ``full``, ``dilated`` or ``none`` (module docstring). ``temperature`` 0 is
+    greedy. ``stop``: token-id sequences; generation ends when row 0 ends with one of them
+    (included in the output). ``on_token`` is called with each new token of row 0 as it
+    is produced (streaming). ``prefill``: the prompt's chunk length.
     """
     _check_args(cache, max_new_tokens, temperature, top_k, top_p)
     prompt = torch.as_tensor(tokens, dtype=torch.long)
@@ -155,34 +124,28 @@ def generate(
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
-    dtype = model.embed.weight.dtype
     prompt = prompt.to(device)
     B, n = prompt.shape
     gen = torch.Generator(device=device).manual_seed(seed)
-    caches, note = make_caches(model, cache, B, n + max_new_tokens, dtype, device)
+    state = None
+    if cache != "none":
+        state = model.new_state(B, cache=cache, capacity=n + max_new_tokens)
+    note = "" if state is None else model.cache_note(cache)
     result = Generation(tokens=[], batch=prompt.new_zeros(B, 0), note=note)
     stops = [list(s) for s in stop if len(s)]
+    seq = prompt  # all tokens so far (what a stateless step recomputes)
 
-    # prefill: the prompt in chunks; the logits of its last position start decoding
+    def step(new: Tensor) -> Tensor:
+        """The logits (B, V) after the tokens ``new``, continuing the state."""
+        inputs = seq if state is None else new
+        return model(inputs, state, last_only=True)[:, -1]
+
     t0 = time.perf_counter()
-    if caches is None:
-        logits = model(prompt, last_only=True)[:, -1]
-    elif isinstance(caches, MemoryDecodeState):  # chunks that never cross a window
-        W = model.cfg.memory_window
-        a = 0
-        while a < n:
-            b = min(n, a + min(prefill, W - a % W))
-            logits = model.forward_step(prompt[:, a:b], caches, a, last_only=True)[:, -1]
-            a = b
-    else:
-        step = prefill_chunk(model, prefill)
-        history = model.new_history(B, device)  # n-gram embedding (None: off)
-        for a in range(0, n, step):
-            chunk = prompt[:, a : a + step]
-            logits = model(chunk, caches=caches, start=a, last_only=True, history=history)[:, -1]
+    chunk = n if state is None else prefill_chunk(model, prefill)
+    for a in range(0, n, chunk):
+        logits = step(prompt[:, a : a + chunk])
     result.prefill_seconds = time.perf_counter() - t0
 
-    seq = prompt
     new: list[Tensor] = []
     for i in range(max_new_tokens):
         t = time.perf_counter()
@@ -195,21 +158,16 @@ def generate(
             on_token(int(nxt[0]))
         done = any(result.tokens[-len(s) :] == s for s in stops if len(result.tokens) >= len(s))
         if i + 1 < max_new_tokens and not done:
-            pos = n + i
-            if caches is None:
-                seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
-                logits = model(seq, last_only=True)[:, -1]
-            elif isinstance(caches, MemoryDecodeState):
-                logits = model.forward_step(nxt.unsqueeze(1), caches, pos, last_only=True)[:, -1]
-            else:
-                logits = model(
-                    nxt.unsqueeze(1), caches=caches, start=pos, last_only=True, history=history
-                )[:, -1]
+            seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1) if state is None else seq
+            logits = step(nxt.unsqueeze(1))
         result.step_seconds.append(time.perf_counter() - t)
-        result.cache_bytes.append(_cache_bytes(caches))
+        result.cache_bytes.append(0 if state is None else state.nbytes)
         if done:
             result.stopped_by = "stop"
             break
     result.batch = torch.stack(new, dim=1) if new else prompt.new_zeros(B, 0)
     model.train(was_training)
     return result
+
+
+__all__ = ["CACHE_POLICIES", "DEFAULT_PREFILL", "Generation", "generate", "prefill_chunk"]

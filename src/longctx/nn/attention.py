@@ -1,73 +1,104 @@
-"""Multi-head causal self-attention whose pattern (kernel and mask together) is chosen by
-name: ``dense``, ``dilated`` (LongNet) or ``sliding_window``."""
+"""Multi-head causal self-attention whose pattern (kernel, decode, cost, parallelism)
+is an attention pattern object (:mod:`longctx.nn.patterns`), chosen by name."""
 
 from __future__ import annotations
-
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .. import ops
-from ..ops.dilated import check_branches
+from .patterns import Kernel, Pattern, make_pattern
 from .rotary import apply_rotary
-
-Kernel = Callable[[Tensor, Tensor, Tensor], Tensor]
-ATTENTION_PATTERNS = ("dense", "dilated", "sliding_window")
-
-
-def make_kernel(
-    pattern: str,
-    *,
-    segment_lengths: Sequence[int] = (),
-    dilation_rates: Sequence[int] = (),
-    offsets: str = "paper",
-    window: int | None = None,
-) -> Kernel:
-    """The causal attention op of a pattern, as a function of (q, k, v) (B, H, N, D)."""
-    if pattern == "dense":
-        return lambda q, k, v: ops.attention(q, k, v, causal=True)
-    if pattern == "dilated":
-        ws, rs = check_branches(segment_lengths, dilation_rates, offsets)
-        return lambda q, k, v: ops.dilated_attention(q, k, v, ws, rs, causal=True, offsets=offsets)
-    if pattern == "sliding_window":
-        if window is None or window < 1:
-            raise ValueError(f"sliding_window attention needs window >= 1, got {window!r}")
-        return lambda q, k, v: ops.sliding_window_attention(q, k, v, window, causal=True)
-    raise ValueError(f"unknown attention pattern {pattern!r}; choose from {ATTENTION_PATTERNS}")
+from .state import LayerState
 
 
 class MultiHeadAttention(nn.Module):
+    """Fused query/key/value projection, rotary positions, the pattern's attention, an
+    output projection: x (B, N, C) -> (B, N, C).
+
+    ``pattern`` is a registered kind (``"dense"``, ``"dilated"``, ``"sliding_window"``,
+    or one of your own), a table ``{"kind": ..., **keys}`` or a pattern object; keyword
+    ``options`` are the pattern's keys::
+
+        attn = MultiHeadAttention(512, 8, "dilated", segment_lengths=[2048, 4096],
+                                  dilation_rates=[1, 2])
+        y = attn(x)                                          # training: whole sequence
+        state = attn.new_state(batch=1, capacity=4096)       # decoding
+        y = attn(x_chunk, state=state)                       # prefill, then token by token
+
+    ``kernel`` is the whole-sequence attention (q, k, v) -> out, the pattern's by
+    default; sequence parallelism replaces it with a distributed one."""
+
     def __init__(
         self,
         dim: int,
         n_heads: int,
-        kernel: Kernel,
+        pattern: str | dict | Pattern = "dense",
+        *,
         rope_base: float = 10000.0,
+        **options,
     ):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim {dim} is not a multiple of n_heads {n_heads}")
+        if options:
+            spec = {"kind": pattern, **options} if isinstance(pattern, str) else None
+            if spec is None:
+                raise ValueError("pattern options need the pattern given by name")
+            pattern = spec
+        self.pattern = make_pattern(pattern, "pattern")
         self.n_heads = n_heads
         self.head_dim = dim // n_heads
         self.rope_base = rope_base
-        self.kernel = kernel
+        self.kernel: Kernel = self.pattern.kernel
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
+    def extra_repr(self) -> str:
+        return f"heads={self.n_heads}, pattern={self.pattern!r}"
+
     def forward(
-        self, x: Tensor, positions: Tensor | None = None, cache=None, start: int = 0
+        self,
+        x: Tensor,
+        positions: Tensor | None = None,
+        state: LayerState | None = None,
+        *,
+        start: int = 0,
     ) -> Tensor:
-        """x (B, N, C) at positions start..start+N-1 (or the given ``positions``).
-        ``cache``: an object with ``attend(q, k, v, start)`` (see longctx.model.cache) that
-        stores this chunk's keys/values and attends over everything stored so far."""
+        """x (B, N, C) at ``positions`` (N,) (default start..start+N-1, or from the state).
+        Without a state: the whole-sequence ``kernel``. With one (from :meth:`new_state`):
+        x continues what the state holds (a prefill chunk or decoded tokens)."""
         B, N, C = x.shape
         if positions is None:
-            positions = torch.arange(start, start + N, device=x.device)
+            first = start if state is None else state.length
+            positions = torch.arange(first, first + N, device=x.device)
         qkv = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim)  # (B, N, 3, H, Dh)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, N, Dh) each
         q = apply_rotary(q, positions, self.rope_base)
         k = apply_rotary(k, positions, self.rope_base)
-        y = self.kernel(q, k, v) if cache is None else cache.attend(q, k, v, start)  # (B, H, N, Dh)
+        y = self.kernel(q, k, v) if state is None else self.pattern.attend(q, k, v, state)
         y = y.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj(y)
+
+    def new_state(
+        self,
+        batch: int,
+        capacity: int = 0,
+        dtype=None,
+        device=None,
+        policy: str = "full",
+        **options,
+    ) -> LayerState | None:
+        """A state for ``batch`` rows: the pattern's decode cache for up to ``capacity``
+        positions (``policy`` as in generation; see :meth:`Pattern.new_state`)."""
+        w = self.qkv.weight
+        dtype, device = dtype or w.dtype, device or w.device
+        return self.pattern.new_state(self, batch, capacity, dtype, device, policy, **options)
+
+    def attention_flops(self, n: int) -> float:
+        """Forward attention FLOPs of a sequence of n tokens (the pattern's count)."""
+        return self.pattern.flops(n, self.n_heads, self.head_dim)
+
+    def sequence_parallel(self, sp) -> None:
+        """Compute this layer over sequence shards: ``sp`` is a
+        :class:`longctx.distributed.SequenceParallel`."""
+        self.kernel = self.pattern.sequence_parallel(sp.strategy, sp.group, causal=sp.causal)

@@ -1,25 +1,12 @@
 """CoLT5 conditional computation (Ainslie et al., "CoLT5: Faster Long-Range Transformers
-with Conditional Computation", arXiv 2303.09752); SPEC section 3.
+with Conditional Computation", arXiv 2303.09752): the ``colt5`` attention pattern and the
+``colt5`` feed-forward kind.
 
-Every token takes a cheap *light* branch; a learned :class:`Router` picks the tokens that
-also take an expensive *heavy* branch, whose output is scaled by the router's weight (the
-weight is what carries gradient to the router: selection itself is not differentiable).
-
-Two routing modes:
-
-- ``causal=False`` (the paper; encoders): the k tokens with the largest raw scores
-  ``s_i = x_i . u`` are routed (k = ceil(capacity * N), or an absolute count), weighted by
-  the paper's soft top-k normalisation of the scores (:func:`soft_topk`: CoDA's dual
-  iteration, Lei et al. arXiv 2304.04947, epsilon 1.0 and 50 iterations by default,
-  computed in float32 even under autocast). Unrouted tokens have weight 0.
-- ``causal=True`` (decoders; the paper has none): top-k over the sequence lets a later
-  token change whether an earlier one is routed, so it is not used. Instead token i is
-  routed iff its score ``s_i = x_i . u + b`` is positive, with weight sigmoid(s_i): both
-  depend on x_i alone. An auxiliary loss (as in Mixture-of-Depths, Raposo et al. arXiv
-  2404.02258) teaches the gate to agree with top-k: binary cross-entropy of s_i against
-  "i is among the capacity * N highest scores of its sequence", so the routed fraction
-  tracks the capacity. The fraction actually routed is recorded per router
-  (``routed_fraction``) and logged per layer during training.
+Every token takes a cheap *light* branch; a learned router (:mod:`longctx.nn.routing`)
+picks the tokens that also take an expensive *heavy* branch, whose output is scaled by the
+router's weight (the weight is what carries gradient to the router: selection itself is
+not differentiable). In the model, routing is causal (a per-token gate; see
+:mod:`longctx.nn.routing`).
 
 :class:`ConditionalFeedForward`: y = FFN_light(x) + w * FFN_heavy(x) on routed tokens
 (paper sizes: light hidden = hidden / 2, heavy hidden = 4 * hidden).
@@ -31,251 +18,48 @@ over the routed keys/values (paper: N/16 queries, N/8 keys/values), keys and val
 computed from the score-scaled inputs; in causal mode a routed query sees the routed keys
 at positions <= its own. Three independent routers per layer (feed-forward, queries,
 keys/values). An optional padding mask keeps padding out of routing and out of every
-attention's keys.
+attention's keys. Decoding keeps a :class:`~longctx.nn.state.RoutedKVCache`.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import dataclasses
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.masked import query_rows_per_tile, tiled_masked_attention
-from .feedforward import SwiGLU
+from ..ops.lowlevel import (
+    query_rows_per_tile,
+    sliding_window_attention_at,
+    tiled_masked_attention,
+)
+from .feedforward import FeedForwardKind, SwiGLU, register_ffn
+from .patterns import Pattern, register_pattern
 from .rotary import apply_rotary
+from .routing import (
+    DEFAULT_EPSILON,
+    DEFAULT_ITERATIONS,
+    Router,
+    apply_routed,
+    gather_rows,
+)
+from .state import LayerState, RoutedKVCache
 
-DEFAULT_EPSILON = 1.0
-DEFAULT_ITERATIONS = 50
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def soft_topk(
-    scores: Tensor,
-    k: int | Tensor,
-    *,
-    epsilon: float = DEFAULT_EPSILON,
-    iterations: int = DEFAULT_ITERATIONS,
-    valid: Tensor | None = None,
-) -> Tensor:
-    """Soft top-k weights lambda in [0, 1] of scores (B, N), summing (at convergence) to k
-    per row: the solution of max <s, lambda> + epsilon * H(lambda) subject to
-    sum(lambda) = k, 0 <= lambda <= 1, by CoDA's dual coordinate ascent (Lei et al.,
-    arXiv 2304.04947, as used by CoLT5): from b = 0, repeat
-    a = epsilon * (log k - logsumexp((s + b) / epsilon)); b = min(0, -(s + a)); then
-    lambda = exp((s + a + b) / epsilon). Differentiable (the iterations are unrolled).
-
-    ``k`` is an int or a (B,) tensor. ``valid`` (B, N) bool excludes positions (weight 0).
-    With the paper's 50 iterations the result matches the constrained optimum to ~1e-6
-    for scores of unit spread (tested); each iteration saturates only the few largest
-    unsaturated scores, so scores spread over many multiples of epsilon need more.
-    Rows with k = 0 get all zeros; rows with k >= their valid count get exactly 1 on every
-    valid position. Computed in float32 (float64 inputs stay float64), autocast disabled.
-    """
-    if scores.dim() != 2:
-        raise ValueError(f"scores must have shape (batch, seq), got {tuple(scores.shape)}")
-    if epsilon <= 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    B, N = scores.shape
-    with torch.autocast(scores.device.type, enabled=False):
-        cd = _compute_dtype(scores)
-        s = scores.to(cd)
-        if valid is None:
-            valid = torch.ones(B, N, dtype=torch.bool, device=s.device)
-        n_valid = valid.sum(dim=-1)  # (B,)
-        kk = torch.as_tensor(k, device=s.device).expand(B).clamp(min=0)
-        kk = torch.minimum(kk, n_valid)
-        trivial = (kk == 0) | (kk >= n_valid)  # (B,) the answer is 0 or exactly 1
-        if N == 0:
-            return s
-        # non-trivial rows: invalid positions at -inf; trivial rows computed on zeros
-        s_it = torch.where(valid, s, torch.full_like(s, float("-inf")))
-        s_it = torch.where(trivial.unsqueeze(-1), torch.zeros_like(s), s_it)
-        log_k = torch.where(trivial, torch.zeros_like(kk), kk).to(cd).clamp_min(1).log()
-        log_k = log_k.unsqueeze(-1)  # (B, 1)
-        b = torch.zeros_like(s)
-        a = torch.zeros_like(log_k)
-        for _ in range(iterations):
-            a = epsilon * (log_k - torch.logsumexp((s_it + b) / epsilon, dim=-1, keepdim=True))
-            b = torch.clamp(-(s_it + a), max=0.0)
-        lam = torch.exp((s_it + a + b) / epsilon)
-        exact = (valid & (kk > 0).unsqueeze(-1)).to(cd)  # the trivial rows' answer
-        lam = torch.where(trivial.unsqueeze(-1), exact, lam)
-        return torch.where(valid, lam, torch.zeros_like(lam))
+NO_SEQUENCE_PARALLEL = (
+    "sequence parallelism does not support CoLT5 attention (its routed heavy branch needs "
+    "the whole sequence's routing); use dense, dilated or sliding_window attention"
+)
 
 
-@dataclass
-class Routing:
-    """The tokens a router picked, per batch row, in increasing position order.
-
-    ``indices`` (B, M) positions (padding slots hold 0), ``weights`` (B, M) the heavy
-    branch's output scale (0 in padding slots), ``valid`` (B, M) which slots hold a routed
-    token, ``scores`` (B, N) the raw router scores (float32)."""
-
-    indices: Tensor
-    weights: Tensor
-    valid: Tensor
-    scores: Tensor
-
-    @property
-    def counts(self) -> Tensor:
-        return self.valid.sum(dim=-1)
+def _fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+    return float(value)
 
 
-def _check_capacity(capacity: float | int, causal: bool) -> float | int:
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, float)):
-        raise TypeError(f"capacity must be a fraction (float) or a count (int), got {capacity!r}")
-    if isinstance(capacity, float):
-        if not 0.0 <= capacity <= 1.0 or math.isnan(capacity):
-            raise ValueError(f"a capacity fraction must be in [0, 1], got {capacity}")
-    elif capacity < 0:
-        raise ValueError(f"a capacity count must be >= 0, got {capacity}")
-    elif causal:
-        raise ValueError(
-            f"causal routing needs a capacity fraction (a float such as 0.0625), got the "
-            f"count {capacity}: a per-token gate cannot promise a count on every prefix"
-        )
-    return capacity
-
-
-def _compact(routed: Tensor) -> tuple[Tensor, Tensor]:
-    """routed (B, N) bool -> (indices (B, M), valid (B, M)) with M = the largest count;
-    each row's routed positions first, in increasing order."""
-    B, N = routed.shape
-    counts = routed.sum(dim=-1)
-    M = int(counts.max()) if B and N else 0
-    order = torch.sort((~routed).to(torch.uint8), dim=-1, stable=True).indices[:, :M]
-    valid = torch.arange(M, device=routed.device).unsqueeze(0) < counts.unsqueeze(-1)
-    return torch.where(valid, order, torch.zeros_like(order)), valid
-
-
-def _topk_membership(scores: Tensor, k: Tensor, valid: Tensor) -> Tensor:
-    """(B, N) bool: position is among the k[b] highest valid scores of its row."""
-    kmax = int(k.max()) if k.numel() else 0
-    member = torch.zeros_like(valid)
-    if kmax == 0:
-        return member
-    top = scores.masked_fill(~valid, float("-inf")).topk(kmax, dim=-1).indices  # (B, kmax)
-    keep = torch.arange(kmax, device=scores.device).unsqueeze(0) < k.unsqueeze(-1)
-    return member.scatter(-1, top, keep) & valid
-
-
-class Router(nn.Module):
-    """Routes tokens to a heavy branch (module docstring): score s_i = x_i . u (+ b when
-    causal); ``capacity`` a fraction of the tokens (float) or a count (int, non-causal)."""
-
-    def __init__(
-        self,
-        dim: int,
-        capacity: float | int = 1 / 16,
-        *,
-        causal: bool = False,
-        epsilon: float = DEFAULT_EPSILON,
-        iterations: int = DEFAULT_ITERATIONS,
-    ):
-        super().__init__()
-        self.capacity = _check_capacity(capacity, causal)
-        if epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0, got {epsilon}")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-        self.causal = causal
-        self.epsilon = epsilon
-        self.iterations = iterations
-        # scores of RMS-normalised inputs start with unit spread
-        self.weight = nn.Parameter(torch.randn(dim) * dim**-0.5)
-        if causal:
-            # start near the capacity: P(N(0, 1) > -bias) = capacity
-            c = min(max(float(capacity), 1e-4), 1 - 1e-4)
-            self.bias = nn.Parameter(torch.tensor(-float(torch.special.ndtri(torch.tensor(1 - c)))))
-        else:
-            self.register_parameter("bias", None)
-        self.aux_loss: Tensor | None = None  # causal, set by forward when grad is enabled
-        self.routed_fraction: Tensor | None = None  # of the valid tokens, last forward
-
-    def extra_repr(self) -> str:
-        return f"capacity={self.capacity}, causal={self.causal}"
-
-    def num_routed(self, n: int | Tensor):
-        """Tokens routed out of n (non-causal): ceil(capacity * n), or min(count, n)."""
-        if isinstance(self.capacity, float):
-            if isinstance(n, Tensor):
-                return torch.ceil(n.to(torch.float64) * self.capacity).long()
-            return math.ceil(n * self.capacity)
-        return n.clamp(max=self.capacity) if isinstance(n, Tensor) else min(n, self.capacity)
-
-    def scores(self, x: Tensor) -> Tensor:
-        """Raw scores (B, N) in float32 (float64 for float64 inputs), autocast disabled."""
-        with torch.autocast(x.device.type, enabled=False):
-            cd = _compute_dtype(x)
-            s = torch.matmul(x.to(cd), self.weight.to(cd))
-            return s if self.bias is None else s + self.bias.to(cd)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Routing:
-        """x (B, N, C); ``mask`` (B, N) bool, False = padding (never routed)."""
-        B, N, _ = x.shape
-        valid_tok = _check_padding_mask(mask, B, N, x.device)
-        s = self.scores(x)
-        n_valid = valid_tok.sum(dim=-1)
-        if self.causal:
-            routed = (s > 0) & valid_tok
-            indices, valid = _compact(routed)
-            gate = torch.sigmoid(s)
-            weights = gate.gather(-1, indices) * valid
-            if torch.is_grad_enabled():
-                target = _topk_membership(s.detach(), self.num_routed(n_valid), valid_tok)
-                bce = F.binary_cross_entropy_with_logits(s, target.to(s.dtype), reduction="none")
-                self.aux_loss = (bce * valid_tok).sum() / valid_tok.sum().clamp_min(1)
-            else:
-                self.aux_loss = None
-        else:
-            k = min(self.num_routed(N), N)
-            masked = s.detach().masked_fill(~valid_tok, float("-inf"))
-            indices = masked.topk(k, dim=-1).indices.sort(dim=-1).values  # (B, k)
-            valid = valid_tok.gather(-1, indices)
-            lam = soft_topk(
-                s,
-                self.num_routed(n_valid),
-                epsilon=self.epsilon,
-                iterations=self.iterations,
-                valid=valid_tok,
-            )
-            weights = lam.gather(-1, indices) * valid
-        self.routed_fraction = (valid.sum() / n_valid.sum().clamp_min(1)).detach()
-        return Routing(indices, weights, valid, s)
-
-
-def _check_padding_mask(mask: Tensor | None, B: int, N: int, device) -> Tensor:
-    if mask is None:
-        return torch.ones(B, N, dtype=torch.bool, device=device)
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError("mask must be a bool tensor (B, N), True = a real token")
-    if tuple(mask.shape) != (B, N):
-        raise ValueError(f"mask must have shape (batch, seq) = {(B, N)}, got {tuple(mask.shape)}")
-    return mask.to(device)
-
-
-def apply_routed(x: Tensor, routing: Routing, fn) -> Tensor:
-    """(B, N, C') zeros except at routed tokens: weight * fn(x of the routed tokens)."""
-    B, N, C = x.shape
-    flat = (routing.indices + torch.arange(B, device=x.device).unsqueeze(-1) * N)[routing.valid]
-    h = fn(x.reshape(B * N, C)[flat])  # (T, C')
-    h = h * routing.weights[routing.valid].unsqueeze(-1).to(h.dtype)
-    out = h.new_zeros(B * N, h.shape[-1]).index_add_(0, flat, h)
-    return out.view(B, N, -1)
-
-
-def _gather_rows(x: Tensor, indices: Tensor) -> Tensor:
-    """x (B, N, C), indices (B, M) -> (B, M, C)."""
-    return x.gather(1, indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+# ----------------------------------------------------------------- feed-forward
 
 
 class ConditionalFeedForward(nn.Module):
@@ -301,8 +85,15 @@ class ConditionalFeedForward(nn.Module):
         self.router = Router(dim, capacity, causal=causal, epsilon=epsilon, iterations=iterations)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x (B, N, C); ``mask`` (B, N) bool, False = padding (never routed)."""
         routing = self.router(x, mask)
         return self.light(x) + apply_routed(x, routing, self.heavy)
+
+    def skipped_params(self) -> float:
+        """Weights per token that routing skips on average: the heavy branch's, for the
+        tokens beyond the capacity fraction."""
+        heavy = sum(p.numel() for p in self.heavy.parameters())
+        return (1 - float(self.router.capacity)) * heavy
 
 
 def conditional_ffn_flops(dim: int, light_hidden: int, heavy_hidden: int, fraction: float) -> float:
@@ -310,64 +101,36 @@ def conditional_ffn_flops(dim: int, light_hidden: int, heavy_hidden: int, fracti
     return 6 * dim * (light_hidden + fraction * heavy_hidden)
 
 
-class ConditionalAttentionCache:
-    """Decoding state of one causal :class:`ConditionalAttention` layer: the light heads'
-    last ``window - 1`` keys/values (bounded), and the routed keys/values with their
-    positions (slots: a chunk adds as many as its busiest row routed)."""
+@register_ffn
+@dataclasses.dataclass
+class CoLT5FFN(FeedForwardKind):
+    """``[model.ffn] kind = "colt5"``: a routed feed-forward with a causal router.
+    ``capacity``: fraction of tokens through the heavy branch; ``light_hidden`` and
+    ``heavy_hidden``: 0 = the paper's hidden / 2 and 4 * hidden."""
 
-    def __init__(self, attn: ConditionalAttention, batch: int, capacity: int, dtype, device):
-        if not attn.causal:
-            raise ValueError("a decoding cache needs causal ConditionalAttention")
-        D = attn.head_dim
-        self.window = attn.window
-        self.light_k = torch.zeros(batch, attn.light_heads, 0, D, dtype=dtype, device=device)
-        self.light_v = torch.zeros_like(self.light_k)
-        shape = (batch, attn.heavy_heads, capacity, D)
-        self.heavy_k = torch.zeros(shape, dtype=dtype, device=device)
-        self.heavy_v = torch.zeros(shape, dtype=dtype, device=device)
-        self.heavy_pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        self.heavy_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.slots = 0
-        self.length = 0
+    kind: ClassVar[str] = "colt5"
+    capacity: float = 1 / 16
+    light_hidden: int = 0
+    heavy_hidden: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        tensors = (self.light_k, self.light_v, self.heavy_k, self.heavy_v)
-        return sum(t.nbytes for t in tensors) + self.heavy_pos.nbytes + self.heavy_valid.nbytes
+    def __post_init__(self):
+        self.capacity = _fraction(self.capacity, "model.ffn.capacity")
+        for name in ("light_hidden", "heavy_hidden"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.ffn.{name} must be >= 0 (0 = default)")
 
-    def light(self, q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
-        if start != self.length:
-            raise ValueError(f"cache holds {self.length} positions; got a chunk at {start}")
-        keys = torch.cat([self.light_k, k], dim=2)
-        vals = torch.cat([self.light_v, v], dim=2)
-        k_start = start - self.light_k.shape[2]
-        out = ops.sliding.sliding_window_attention_at(q, keys, vals, self.window, start, k_start)
-        first = max(0, keys.shape[2] - (self.window - 1))  # what later queries can see
-        self.light_k = keys[:, :, first:].clone()
-        self.light_v = vals[:, :, first:].clone()
-        self.length = start + q.shape[2]
-        return out
-
-    def heavy(self, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor):
-        """Store a chunk's routed keys/values; return all stored (k, v, pos, valid)."""
-        m = k.shape[2]
-        end = self.slots + m
-        if end > self.heavy_k.shape[2]:
-            raise ValueError(
-                f"the cache was made for {self.heavy_k.shape[2]} positions; it is full "
-                "(raise the capacity)"
-            )
-        self.heavy_k[:, :, self.slots : end] = k
-        self.heavy_v[:, :, self.slots : end] = v
-        self.heavy_pos[:, self.slots : end] = pos
-        self.heavy_valid[:, self.slots : end] = valid
-        self.slots = end
-        return (
-            self.heavy_k[:, :, :end],
-            self.heavy_v[:, :, :end],
-            self.heavy_pos[:, :end],
-            self.heavy_valid[:, :end],
+    def build(self, dim: int, hidden: int) -> nn.Module:
+        return ConditionalFeedForward(
+            dim,
+            hidden,
+            light_hidden=self.light_hidden or None,
+            heavy_hidden=self.heavy_hidden or None,
+            capacity=self.capacity,
+            causal=True,
         )
+
+
+# ----------------------------------------------------------------- attention
 
 
 def _routed_attention(q, k, v, q_pos, k_pos, q_valid, k_valid, causal: bool) -> Tensor:
@@ -469,41 +232,45 @@ class ConditionalAttention(nn.Module):
         self,
         x: Tensor,
         positions: Tensor | None = None,
-        cache: ConditionalAttentionCache | None = None,
+        state: RoutedKVCache | None = None,
         start: int = 0,
         mask: Tensor | None = None,
     ) -> Tensor:
-        """x (B, N, C) at positions start..start+N-1 (or ``positions`` (N,)); ``cache`` for
-        incremental decoding (causal only); ``mask`` (B, N) bool, False = padding."""
+        """x (B, N, C) at positions start..start+N-1 (or ``positions`` (N,)); ``state``
+        (from :meth:`new_state`) for incremental decoding (causal only): x continues it;
+        ``mask`` (B, N) bool, False = padding."""
         B, N, C = x.shape
+        if state is not None:
+            if mask is not None:
+                raise ValueError("a padding mask cannot be combined with a decoding cache")
+            start = state.length
         if positions is None:
             positions = torch.arange(start, start + N, device=x.device)
-        if cache is not None and mask is not None:
-            raise ValueError("a padding mask cannot be combined with a decoding cache")
-        return self._light(x, positions, cache, start, mask) + self._heavy(
-            x, positions, cache, mask
+        return self._light(x, positions, state, start, mask) + self._heavy(
+            x, positions, state, mask
         )
 
-    def _light(self, x, positions, cache, start, mask) -> Tensor:
+    def _light(self, x, positions, state, start, mask) -> Tensor:
         B, N, _ = x.shape
-        qkv = self.light_qkv(x).view(B, N, 3, self.light_heads, self.head_dim)
+        qkv = self.light_qkv(x).view(B, N, 3, self.light_heads, self.head_dim)  # (B, N, 3, Hl, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, Hl, N, D)
         q = apply_rotary(q, positions, self.rope_base)
         k = apply_rotary(k, positions, self.rope_base)
-        if cache is not None:
-            y = cache.light(q, k, v, start)
+        if state is not None:
+            keys, values, k_start = state.light_update(k, v, start)
+            y = sliding_window_attention_at(q, keys, values, self.window, start, k_start)
         else:
             y = _local_attention(q, k, v, self.window, self.causal, mask)
         return self.light_proj(y.transpose(1, 2).reshape(B, N, -1))
 
-    def _heavy(self, x, positions, cache, mask) -> Tensor:
+    def _heavy(self, x, positions, state, mask) -> Tensor:
         B, N, C = x.shape
         H, D = self.heavy_heads, self.head_dim
         rq = self.q_router(x, mask)
         rkv = self.kv_router(x, mask)
         q_pos, k_pos = positions[rq.indices], positions[rkv.indices]  # (B, Mq), (B, Mk)
-        xq = _gather_rows(x, rq.indices)  # (B, Mq, C)
-        xkv = _gather_rows(x, rkv.indices) * rkv.weights.unsqueeze(-1).to(x.dtype)
+        xq = gather_rows(x, rq.indices)  # (B, Mq, C)
+        xkv = gather_rows(x, rkv.indices) * rkv.weights.unsqueeze(-1).to(x.dtype)
         Mq, Mk = xq.shape[1], xkv.shape[1]
         q = self.heavy_q(xq).view(B, Mq, H, D).transpose(1, 2)  # (B, H, Mq, D)
         kv = self.heavy_kv(xkv).view(B, Mk, 2, H, D)
@@ -511,8 +278,8 @@ class ConditionalAttention(nn.Module):
         q = apply_rotary(q, q_pos, self.rope_base)
         k = apply_rotary(k, k_pos, self.rope_base)
         k_valid = rkv.valid
-        if cache is not None:
-            k, v, k_pos, k_valid = cache.heavy(k, v, k_pos, k_valid)
+        if state is not None:
+            k, v, k_pos, k_valid = state.heavy_update(k, v, k_pos, k_valid)
         if Mq == 0:
             return x.new_zeros(B, N, C)
         y = _routed_attention(q, k, v, q_pos, k_pos, rq.valid, k_valid, self.causal)
@@ -524,6 +291,57 @@ class ConditionalAttention(nn.Module):
     def routers(self) -> dict[str, Router]:
         return {"q": self.q_router, "kv": self.kv_router}
 
+    def new_state(
+        self,
+        batch: int,
+        capacity: int = 0,
+        dtype=None,
+        device=None,
+        policy: str = "full",
+        **options,
+    ) -> RoutedKVCache:
+        """A decode state for ``batch`` rows and up to ``capacity`` positions (causal only;
+        any decode ``policy`` keeps this layer's own bounded light window and routed
+        keys)."""
+        if policy == "crossbatch":
+            raise ValueError("crossbatch training needs a model with memory layers")
+        if not self.causal:
+            raise ValueError("a decoding cache needs causal ConditionalAttention")
+        w = self.light_qkv.weight
+        return RoutedKVCache(
+            batch,
+            self.light_heads,
+            self.heavy_heads,
+            self.head_dim,
+            self.window,
+            capacity,
+            dtype or w.dtype,
+            device or w.device,
+        )
+
+    def attention_flops(self, n: int) -> float:
+        """Forward attention FLOPs of n tokens with the routers at their capacities."""
+        return conditional_attention_flops(
+            n,
+            self.head_dim * (self.light_heads + self.heavy_heads),
+            self.light_heads + self.heavy_heads,
+            self.light_heads,
+            self.window,
+            float(self.q_router.capacity),
+            float(self.kv_router.capacity),
+            self.causal,
+        )["attention"]
+
+    def skipped_params(self) -> float:
+        """Heavy-branch weights per token that routing skips on average (capacities)."""
+        cq, ckv = float(self.q_router.capacity), float(self.kv_router.capacity)
+        skipped = (1 - cq) * (self.heavy_q.weight.numel() + self.heavy_proj.weight.numel())
+        return skipped + (1 - ckv) * self.heavy_kv.weight.numel()
+
+    def sequence_parallel(self, sp) -> None:
+        """Refused (the heavy branch routes over the whole sequence)."""
+        raise ValueError(NO_SEQUENCE_PARALLEL)
+
 
 def conditional_attention_flops(
     n: int,
@@ -534,14 +352,106 @@ def conditional_attention_flops(
     q_fraction: float,
     kv_fraction: float,
     causal: bool,
-) -> float:
-    """Expected forward FLOPs of a whole sequence of n tokens: projections (2 per
-    multiply-add) and useful attention FLOPs (4 * D per visible pair), with the routed
-    counts at their targets (causal: heavy pairs halved)."""
+) -> dict[str, float]:
+    """Expected forward FLOPs of CoLT5 attention over n tokens, with the routed counts at
+    the given fractions: ``projections`` (2 per multiply-add) and ``attention`` (4 * D
+    per visible pair: the light band, and routed queries x routed keys, causal: keys at or
+    before the query), and their ``total``."""
     D = dim // n_heads
     heavy = n_heads - light_heads
     mq, mk = q_fraction * n, kv_fraction * n
     proj = 2 * dim * D * (4 * light_heads * n + heavy * (2 * mq + 2 * mk))
     light = ops.sliding_window_flops(n, light_heads, D, window, causal=causal)
-    pairs = mq * mk / 2 if causal else mq * mk
-    return proj + light + 4 * D * heavy * pairs
+    pairs = q_fraction * kv_fraction * n * (n + 1) / 2 if causal else mq * mk
+    attention = light + 4 * D * heavy * pairs
+    return {"projections": proj, "attention": attention, "total": proj + attention}
+
+
+@register_pattern
+@dataclasses.dataclass
+class CoLT5(Pattern):
+    """``[model.attention] kind = "colt5"``: :class:`ConditionalAttention` in every layer,
+    with causal routing. ``light_heads``: 0 = n_heads // 4 (at least 1); ``window``: the
+    light local attention (each token sees itself + window - 1 before); ``q_capacity``
+    and ``kv_capacity``: fractions of the tokens routed as heavy queries and keys."""
+
+    kind: ClassVar[str] = "colt5"
+    strategies: ClassVar[tuple[str, ...]] = ()
+    light_heads: int = 0
+    window: int = 128
+    q_capacity: float = 1 / 16
+    kv_capacity: float = 1 / 8
+
+    def __post_init__(self):
+        self.q_capacity = _fraction(self.q_capacity, "model.attention.q_capacity")
+        self.kv_capacity = _fraction(self.kv_capacity, "model.attention.kv_capacity")
+        if self.light_heads < 0:
+            raise ValueError(
+                f"model.attention.light_heads must be >= 0 (0 = default), got {self.light_heads}"
+            )
+        if self.window < 1:
+            raise ValueError(f"model.attention.window must be >= 1, got {self.window}")
+
+    def heads(self, n_heads: int) -> int:
+        """The light heads of a layer with ``n_heads`` heads."""
+        return self.light_heads or max(1, n_heads // 4)
+
+    def check_model(self, dim: int, n_heads: int, n_layers: int) -> None:
+        if n_heads < 2:
+            raise ValueError("model.attention = 'colt5' needs n_heads >= 2 (light and heavy heads)")
+        if not self.heads(n_heads) < n_heads:
+            raise ValueError(
+                f"model.attention.light_heads ({self.light_heads}) must be < n_heads "
+                f"({n_heads}) so that the heavy branch has heads"
+            )
+
+    def build(self, dim: int, n_heads: int, layer: int, *, rope_base: float) -> nn.Module:
+        return ConditionalAttention(
+            dim,
+            n_heads,
+            light_heads=self.heads(n_heads),
+            window=self.window,
+            q_capacity=self.q_capacity,
+            kv_capacity=self.kv_capacity,
+            causal=True,
+            rope_base=rope_base,
+        )
+
+    def new_state(
+        self,
+        module: nn.Module,
+        batch: int,
+        capacity: int,
+        dtype,
+        device,
+        policy: str = "full",
+        **options,
+    ) -> LayerState | None:
+        return module.new_state(batch, capacity, dtype, device, policy, **options)
+
+    def flops(self, n: int, n_heads: int, head_dim: int) -> float:
+        lh = self.heads(n_heads)
+        fl = conditional_attention_flops(
+            n,
+            n_heads * head_dim,
+            n_heads,
+            lh,
+            self.window,
+            self.q_capacity,
+            self.kv_capacity,
+            True,
+        )
+        return fl["attention"]
+
+    def check_sequence_parallel(self, strategy: str, world: int, n_heads: int, n: int) -> None:
+        raise ValueError(NO_SEQUENCE_PARALLEL)
+
+
+__all__ = [
+    "CoLT5",
+    "CoLT5FFN",
+    "ConditionalAttention",
+    "ConditionalFeedForward",
+    "conditional_attention_flops",
+    "conditional_ffn_flops",
+]

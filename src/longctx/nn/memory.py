@@ -1,18 +1,15 @@
 """Memory attention (Focused Transformer, Tworkowski et al. arXiv 2307.03170; Memorizing
-Transformer, Wu et al. arXiv 2203.08913); SPEC section 4.
+Transformer, Wu et al. arXiv 2203.08913): the ``memory`` attention pattern.
 
-A memory layer's query attends, in one softmax, to its causal local context and to the
-(key, value) pairs of earlier windows held in a :class:`MemoryStore`: two parts merged by
-log-sum-exp (``ops.merge``), so the result is exactly attention over their union.
+A memory model processes its input in windows of W positions (aligned to multiples of
+W). Every layer attends causally within the window; the memory layers' queries also
+attend, in the same softmax, to the (key, value) pairs of earlier windows held in a
+:class:`~longctx.nn.state.MemoryStore`: two parts merged by log-sum-exp (``ops.merge``),
+so the result is exactly attention over their union. When a window completes, the memory
+layers write its keys and values to their store.
 
-Retrieval from memory:
-
-- ``dense``: every valid memory entry (exact);
-- ``topk``: per query and head, the k memory keys with the largest inner product with the
-  query (exact, torch), then attention over those k;
-- ``faiss``: the same k found through a faiss index per (batch row, head) (``flat`` is
-  exact inner product; ``hnsw`` is approximate, its recall against exact top-k reported
-  by :func:`faiss_recall`). Needs the optional extra: ``pip install longctx[faiss]``.
+Retrieval from memory (:mod:`longctx.nn.retrieval`): ``dense`` (every entry, exact),
+``topk`` (per query and head, the k largest inner products, exact) or ``faiss``.
 
 Positions of memory keys (rotary, as in the local part):
 
@@ -21,266 +18,117 @@ Positions of memory keys (rotary, as in the local part):
 - ``zero`` (LongLLaMA): memory keys unrotated, as if at position 0; queries rotated by
   their position within the current window;
 - ``none``: no rotation on either side of the memory scores.
+
+Documents (:func:`document_rules`): a separator token ends a document. Queries after it
+in its window do not read memory; the row's memory is cleared when the window is
+written; only the tokens after the last separator are written.
+
+Crossbatch training (a :class:`~longctx.nn.state.CrossbatchState` per memory layer):
+each window's queries also attend, with gradients, to the previous window of their own
+row (positive) and of ``negatives`` other rows; no store is used.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .patterns import Kernel, Pattern, register_pattern
+from .retrieval import (
+    FAISS_INDEXES,
+    RETRIEVALS,
+    attend_selected,
+    faiss_search,
+    require_faiss,
+    torch_topk,
+)
 from .rotary import apply_rotary
+from .state import CrossbatchState, KVCache, LayerState, MemoryState, MemoryStore
 
-RETRIEVALS = ("dense", "topk", "faiss")
 MEMORY_POSITIONS = ("none", "zero", "absolute")
-FAISS_INDEXES = ("flat", "hnsw")
+NO_SEQUENCE_PARALLEL = (
+    "sequence parallelism does not support memory layers (each window reads the memory "
+    "written by the windows before it); use dense, dilated or sliding_window attention"
+)
 
 
-class MemoryStore:
-    """Per-batch-row first-in-first-out memory of one layer's (key, value) pairs.
-
-    Buffers (B, H, C, D) for keys and values, the absolute position of each entry
-    (B, C) and which slots hold an entry (B, C). Each row is a ring buffer: once full,
-    a new entry replaces the oldest. Rows never see each other's entries. The order of
-    slots is irrelevant to attention (a softmax over a set)."""
-
-    def __init__(self, batch: int, heads: int, head_dim: int, capacity: int, dtype, device):
-        if capacity < 1:
-            raise ValueError(f"memory capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
-        shape = (batch, heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        self.age = torch.zeros(batch, capacity, dtype=torch.long, device=device)  # write order
-        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.written = [0] * batch  # entries ever written per row (ring pointer = % C)
-        self.version = 0  # bumped on every change (faiss indexes are rebuilt on change)
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.k, self.v, self.pos, self.age, self.valid))
-
-    def size(self, row: int) -> int:
-        return int(self.valid[row].sum())
-
-    @property
-    def filled(self) -> int:
-        """1 + the last slot that holds an entry in any row (0 when empty): reads may
-        skip the slots after it (rings fill from slot 0, so a young store is short)."""
-        used = self.valid.any(dim=0).nonzero()
-        return int(used[-1]) + 1 if len(used) else 0
-
-    def add(self, k: Tensor, v: Tensor, positions: Tensor, keep: Tensor | None = None) -> None:
-        """Append the entries (B, H, n, D) at ``positions`` (n,) or (B, n); ``keep``
-        (B, n) bool selects which of each row's entries to write (default all). Only the
-        last C written survive (FIFO)."""
-        B, H, n, D = k.shape
-        if (self.batch, self.k.shape[1], self.k.shape[3]) != (B, H, D):
-            raise ValueError(
-                f"memory holds (B, H, D) = {(self.batch, self.k.shape[1], self.k.shape[3])}, "
-                f"got keys {tuple(k.shape)}"
-            )
-        pos = positions.expand(B, n) if positions.dim() == 1 else positions
-        with torch.no_grad():
-            for b in range(B):
-                idx = torch.arange(n, device=k.device)
-                if keep is not None:
-                    idx = idx[keep[b]]
-                idx = idx[-self.capacity :]  # more than C new entries: the last C
-                m = len(idx)
-                if m == 0:
-                    continue
-                slots = (self.written[b] + torch.arange(m, device=k.device)) % self.capacity
-                self.k[b][:, slots] = k[b][:, idx].to(self.k.dtype)
-                self.v[b][:, slots] = v[b][:, idx].to(self.v.dtype)
-                self.pos[b, slots] = pos[b, idx]
-                self.age[b, slots] = self.written[b] + torch.arange(m, device=k.device)
-                self.valid[b, slots] = True
-                self.written[b] += m
-        self.version += 1
-
-    def clear(self, rows=None) -> None:
-        """Forget everything in the given rows (default: all rows)."""
-        rows = range(self.batch) if rows is None else [int(r) for r in rows]
-        for b in rows:
-            self.valid[b] = False
-            self.written[b] = 0
-        self.version += 1
-
-    def entries(self, row: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(k (H, m, D), v, positions (m,)) of a row, oldest first."""
-        slots = self.valid[row].nonzero().flatten()
-        order = slots[self.age[row, slots].argsort()]
-        return self.k[row][:, order], self.v[row][:, order], self.pos[row, order]
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {
-            "k": self.k,
-            "v": self.v,
-            "pos": self.pos,
-            "age": self.age,
-            "valid": self.valid,
-            "written": torch.tensor(self.written, dtype=torch.long),
-        }
-
-    def save(self, path: str | Path) -> None:
-        """Write the store to a safetensors file (atomically)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: t.contiguous().cpu() for k, t in self.state_dict().items()}, str(tmp))
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: str | Path, device="cpu") -> MemoryStore:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            data = load_file(str(path), device=str(device))
-        except (SafetensorError, OSError) as exc:
-            raise ValueError(f"cannot read memory file {path}: {exc}") from None
-        missing = {"k", "v", "pos", "age", "valid", "written"} - set(data)
-        if missing:
-            raise ValueError(f"memory file {path} lacks {sorted(missing)}")
-        B, H, C, D = data["k"].shape
-        store = cls(B, H, D, C, data["k"].dtype, device)
-        store.k, store.v = data["k"], data["v"]
-        store.pos, store.age, store.valid = data["pos"], data["age"], data["valid"]
-        store.written = [int(x) for x in data["written"]]
-        return store
+def document_rules(tokens: Tensor, separator: int) -> tuple[Tensor, Tensor, list[int]]:
+    """For a window's token ids (B, n): which queries may read memory (B, n) (none after
+    a document separator), which tokens are written (B, n) (those after the last
+    separator), and which rows' memory is cleared (rows that hold a separator).
+    ``separator`` < 0: no separator."""
+    B, n = tokens.shape
+    is_sep = (tokens == separator) & (separator >= 0)  # (B, n)
+    idx = torch.arange(n, device=tokens.device).expand(B, n)
+    first = torch.where(is_sep, idx, n).amin(dim=1, keepdim=True)  # n: none
+    last = torch.where(is_sep, idx, -1).amax(dim=1, keepdim=True)  # -1: none
+    visible = idx <= first
+    keep = idx > last
+    clear = is_sep.any(dim=1).nonzero().flatten().tolist()
+    return visible, keep, clear
 
 
-class WindowCache:
-    """The current window's keys and values during decoding (one layer): rotated keys for
-    local attention, the keys as memory stores them, values."""
-
-    def __init__(self, batch: int, heads: int, head_dim: int, window: int, dtype, device):
-        shape = (batch, heads, window, head_dim)
-        self.k_rot = torch.zeros(shape, dtype=dtype, device=device)
-        self.k_mem = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.k_rot.nbytes + self.k_mem.nbytes + self.v.nbytes
-
-    def append(self, k_rot: Tensor, k_mem: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = self.length, self.length + k_rot.shape[2]
-        if b > self.v.shape[2]:
-            raise ValueError(f"the window holds {self.v.shape[2]} positions; got {b}")
-        self.k_rot[:, :, a:b], self.k_mem[:, :, a:b], self.v[:, :, a:b] = k_rot, k_mem, v
-        self.length = b
-        return self.k_rot[:, :, :b], self.v[:, :, :b]
-
-    def flush(self, memory: MemoryStore, positions: Tensor, keep, clear_rows) -> None:
-        """Move the window into memory (after clearing rows that ended a document)."""
-        n = self.length
-        if clear_rows:
-            memory.clear(clear_rows)
-        memory.add(self.k_mem[:, :, :n], self.v[:, :, :n], positions[:n], keep)
-        self.length = 0
+def window_pieces(offset: int, n: int, window: int) -> list[tuple[int, int]]:
+    """[a, b) pieces of an input of n positions whose first position sits at ``offset``
+    within its window: each piece lies in one window (the first may start mid-window)."""
+    pieces, a = [], 0
+    while a < n:
+        b = min(n, a + window - (offset if a == 0 else 0))
+        pieces.append((a, b))
+        a = b
+    return pieces
 
 
-def _require_faiss():
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            "memory retrieval 'faiss' needs the faiss package: install the optional extra "
-            "with `pip install longctx[faiss]` (faiss-cpu), or use retrieval 'dense' or 'topk'"
-        ) from None
-    import faiss
-
-    return faiss
-
-
-def faiss_search(keys: Tensor, valid: Tensor, queries: Tensor, k: int, index: str = "flat"):
-    """Top-k memory slots by inner product through faiss: keys (B, H, C, D), valid
-    (B, C), queries (B, H, n, D) -> slot indices (B, H, n, k) (-1 where fewer than k).
-    One index per (row, head) over its valid entries."""
-    faiss = _require_faiss()
-    if index not in FAISS_INDEXES:
-        raise ValueError(f"faiss index must be one of {FAISS_INDEXES}, got {index!r}")
-    B, H, C, D = keys.shape
-    n = queries.shape[2]
-    out = torch.full((B, H, n, k), -1, dtype=torch.long)
-    for b in range(B):
-        slots = valid[b].nonzero().flatten().cpu()
-        if len(slots) == 0:
-            continue
-        for h in range(H):
-            data = keys[b, h, slots].detach().float().cpu().contiguous().numpy()
-            if index == "flat":
-                ix = faiss.IndexFlatIP(D)
-            else:
-                ix = faiss.IndexHNSWFlat(D, 32, faiss.METRIC_INNER_PRODUCT)
-                ix.hnsw.efSearch = max(64, 2 * k)
-            ix.add(data)
-            q = queries[b, h].detach().float().cpu().contiguous().numpy()
-            _, found = ix.search(q, min(k, len(slots)))
-            found_t = torch.from_numpy(found).long()
-            mapped = torch.where(found_t >= 0, slots[found_t.clamp_min(0)], found_t)
-            out[b, h, :, : mapped.shape[1]] = mapped
-    return out.to(keys.device)
+def local_attention(
+    q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, window: int
+) -> tuple[Tensor, Tensor]:
+    """Causal attention within windows of ``window`` positions: q, k, v (B, H, n, D) ->
+    (out, lse). Without ``cache`` the input starts a window; with one (a per-window
+    :class:`KVCache`), it continues the window the cache holds (length = offset)."""
+    offset = 0 if cache is None else cache.length
+    outs, lses = [], []
+    for a, b in window_pieces(offset, q.shape[2], window):
+        qa, ka, va = q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]
+        whole = offset == 0 and b - a == window  # a complete window: attend in place
+        if cache is not None and not whole:
+            ka, va = cache.update(ka, va, offset)
+        o, lse = ops.attention(qa, ka, va, causal=True, return_lse=True)  # bottom-right
+        outs.append(o)
+        lses.append(lse)
+        offset = (offset + b - a) % window
+        if cache is not None and offset == 0:
+            cache.reset()  # the window is complete
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def torch_topk(keys: Tensor, valid: Tensor, queries: Tensor, k: int) -> Tensor:
-    """Exact top-k memory slots by inner product (B, H, n, k); -1 past the valid count."""
-    scores = torch.matmul(queries, keys.transpose(-1, -2))  # (B, H, n, C)
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    kk = min(k, keys.shape[2])
-    top = scores.topk(kk, dim=-1)
-    idx = top.indices.masked_fill(torch.isneginf(top.values), -1)
-    if kk < k:
-        pad = idx.new_full((*idx.shape[:-1], k - kk), -1)
-        idx = torch.cat([idx, pad], dim=-1)
-    return idx
-
-
-def faiss_recall(keys: Tensor, valid: Tensor, queries: Tensor, k: int, index: str) -> float:
-    """Fraction of the exact top-k slots that the faiss index finds."""
-    exact = torch_topk(keys, valid, queries, k)
-    approx = faiss_search(keys, valid, queries, k, index)
-    hit, total = 0, 0
-    for e, a in zip(exact.reshape(-1, k).tolist(), approx.reshape(-1, k).tolist()):
-        want = {s for s in e if s >= 0}
-        hit += len(want & set(a))
-        total += len(want)
-    return hit / max(total, 1)
-
-
-def _attend_selected(q: Tensor, keys: Tensor, vals: Tensor, idx: Tensor, scale: float):
-    """Attention of each query (B, H, n, D) over its own selected memory slots idx
-    (B, H, n, k) (-1 = none): (out, lse), differentiable in q, keys and vals."""
-    B, H, n, k = idx.shape
-    D, Dv = keys.shape[-1], vals.shape[-1]
-    safe = idx.clamp_min(0)
-    flat = safe.reshape(B, H, n * k, 1)
-    ks = keys.gather(2, flat.expand(-1, -1, -1, D)).view(B, H, n, k, D)
-    vs = vals.gather(2, flat.expand(-1, -1, -1, Dv)).view(B, H, n, k, Dv)
-    scores = torch.einsum("bhnd,bhnkd->bhnk", q, ks) * scale
-    scores = scores.masked_fill(idx < 0, float("-inf"))
-    empty = (idx < 0).all(dim=-1, keepdim=True)
-    scores_safe = torch.where(empty, torch.zeros_like(scores), scores)
-    lse = torch.logsumexp(scores_safe, dim=-1)  # (B, H, n)
-    p = torch.exp(scores_safe - lse.unsqueeze(-1)).masked_fill(idx < 0, 0.0)
-    out = torch.einsum("bhnk,bhnkd->bhnd", p, vs)
-    lse = lse.masked_fill(empty.squeeze(-1), float("-inf"))
-    return out, lse
+def local_attention_flops(n: int, window: int, n_heads: int, head_dim: int) -> float:
+    """Forward FLOPs of causal attention within windows over n positions."""
+    full, rest = divmod(n, window)
+    per = ops.attention_flops(window, n_heads, head_dim, causal=True)
+    return float(full * per + ops.attention_flops(rest, n_heads, head_dim, causal=True))
 
 
 class MemoryAttention(nn.Module):
-    """Causal multi-head attention over the local context plus a memory (module doc)."""
+    """Causal multi-head attention over the local window plus a memory (module doc).
+
+    Two ways to call it:
+
+    - one window at a time, with a store you hold (drop-in)::
+
+          layer = MemoryAttention(512, 8, retrieval="topk", topk=32, positions="zero")
+          memory = layer.new_memory(batch=4, capacity=65536)
+          for a in range(0, x.shape[1], 256):
+              y = layer(x[:, a : a + 256], start=a, memory=memory)  # reads, then writes
+
+    - with a state (:meth:`new_state`; what :class:`~longctx.model.DecoderLM` does):
+      input of any length that continues the state, cut into windows of ``window``
+      positions; each completed window moves into the state's store."""
+
+    needs_state = True  # the model gives it a state (memory) even for a plain forward
 
     def __init__(
         self,
@@ -292,6 +140,9 @@ class MemoryAttention(nn.Module):
         positions: str = "absolute",
         rope_base: float = 10000.0,
         faiss_index: str = "flat",
+        window: int = 256,
+        capacity: int = 65536,
+        separator: int = -1,
     ):
         super().__init__()
         if dim % n_heads:
@@ -307,7 +158,7 @@ class MemoryAttention(nn.Module):
         if topk < 1:
             raise ValueError(f"memory topk must be >= 1, got {topk}")
         if retrieval == "faiss":
-            _require_faiss()
+            require_faiss()
         self.n_heads = n_heads
         self.head_dim = dim // n_heads
         self.retrieval = retrieval
@@ -315,157 +166,332 @@ class MemoryAttention(nn.Module):
         self.positions = positions
         self.rope_base = rope_base
         self.faiss_index = faiss_index
+        self.window = window
+        self.capacity = capacity
+        self.separator = separator
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def new_memory(self, batch: int, capacity: int, dtype, device) -> MemoryStore:
-        return MemoryStore(batch, self.n_heads, self.head_dim, capacity, dtype, device)
+    # ------------------------------------------------------------------ states
+
+    def new_memory(self, batch: int, capacity: int | None = None, dtype=None, device=None):
+        """An empty :class:`MemoryStore` for this layer (default: its capacity)."""
+        w = self.qkv.weight
+        return MemoryStore(
+            batch,
+            self.n_heads,
+            self.head_dim,
+            capacity or self.capacity,
+            dtype or w.dtype,
+            device or w.device,
+        )
+
+    def new_state(
+        self,
+        batch: int,
+        capacity: int = 0,
+        dtype=None,
+        device=None,
+        policy: str = "full",
+        **options,
+    ) -> LayerState:
+        """A :class:`MemoryState` (an empty store and window) for any decode ``policy``
+        (``capacity``, the decode length, is not needed: the store has its own); for
+        ``policy="crossbatch"`` a :class:`CrossbatchState` with ``negatives``."""
+        if policy == "crossbatch":
+            return CrossbatchState(options.get("negatives", 0))
+        w = self.qkv.weight
+        dtype, device = dtype or w.dtype, device or w.device
+        store = self.new_memory(batch, None, dtype, device)
+        return MemoryState(store, self.window, self.separator, dtype, device)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _project(self, x: Tensor, positions: Tensor):
+        """q, q rotated, k rotated, k as memory stores it, v: each (B, H, n, D)."""
+        B, n, _ = x.shape
+        qkv = self.qkv(x).view(B, n, 3, self.n_heads, self.head_dim)  # (B, n, 3, H, D)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, n, D)
+        q_rot = apply_rotary(q, positions, self.rope_base)
+        k_rot = apply_rotary(k, positions, self.rope_base)
+        return q, q_rot, k_rot, k_rot if self.positions == "absolute" else k, v
+
+    def _memory_query(self, q: Tensor, q_rot: Tensor, window_pos: Tensor) -> Tensor:
+        """Queries as they meet memory keys (``window_pos``: positions within the window)."""
+        if self.positions == "absolute":
+            return q_rot
+        if self.positions == "zero":
+            return apply_rotary(q, window_pos, self.rope_base)
+        return q
+
+    def _out(self, y: Tensor) -> Tensor:
+        B, _, n, _ = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, n, -1))  # (B, n, C)
+
+    def read(self, qm: Tensor, memory: MemoryStore, visible: Tensor | None = None):
+        """(out, lse) (B, H, n, D) of memory queries over ``memory``; ``visible`` (B, n)
+        hides the memory from some queries."""
+        used = max(memory.filled, 1)  # skip never-written slots (a store fills from 0)
+        mk, mv, valid = memory.k[:, :, :used], memory.v[:, :, :used], memory.valid[:, :used]
+        if torch.is_grad_enabled():  # backward needs them as read, and the store moves on
+            mk, mv, valid = mk.clone(), mv.clone(), valid.clone()
+        mk, mv = mk.to(qm.dtype), mv.to(qm.dtype)
+        if self.retrieval == "dense":
+            mask = valid[:, None, None, :]
+            if visible is not None:
+                mask = mask & visible[:, None, :, None]
+            return ops.masked_attention(qm, mk, mv, mask, return_lse=True)
+        if self.retrieval == "topk":
+            idx = torch_topk(mk, valid, qm.detach(), self.topk)
+        else:
+            idx = faiss_search(mk, valid, qm, self.topk, self.faiss_index)
+        if visible is not None:
+            idx = idx.masked_fill(~visible[:, None, :, None], -1)
+        return attend_selected(qm, mk, mv, idx, self.head_dim**-0.5)
+
+    # ------------------------------------------------------------------ forward
 
     def forward(
         self,
         x: Tensor,
         positions: Tensor | None = None,
-        memory: MemoryStore | None = None,
+        state: LayerState | None = None,
         *,
         start: int = 0,
+        memory: MemoryStore | None = None,
         window_start: int | None = None,
         memory_visible: Tensor | None = None,
         write: bool = True,
         write_keep: Tensor | None = None,
         clear_rows: list[int] | None = None,
     ) -> Tensor:
-        """x (B, n, C): a window at positions start..start+n-1 (or ``positions``). Queries
-        attend causally within x and to ``memory``; then x's keys/values are written to
-        memory (``write``; ``write_keep`` (B, n) selects which). ``memory_visible``
-        (B, n) bool hides the memory from some queries (e.g. after a document separator).
-        ``window_start``: position of the window's first token (``zero`` mode).
-        ``clear_rows``: rows whose memory is cleared after the read, before the write
-        (a document ended in this window)."""
-        B, n, C = x.shape
+        """With ``state``: see the class docstring. Without: x (B, n, C) is one window at
+        positions start..start+n-1 (or ``positions``); queries attend causally within x
+        and to ``memory``; then x's keys/values are written to memory (``write``;
+        ``write_keep`` (B, n) selects which). ``memory_visible`` (B, n) bool hides the
+        memory from some queries (e.g. after a document separator). ``window_start``:
+        position of the window's first token (``zero`` mode). ``clear_rows``: rows whose
+        memory is cleared after the read, before the write."""
+        if state is not None:
+            if positions is None:
+                positions = torch.arange(state.length, state.length + x.shape[1], device=x.device)
+            if isinstance(state, CrossbatchState):
+                return self._crossbatch(x, positions, state)
+            return self._windows(x, positions, state)
         if positions is None:
-            positions = torch.arange(start, start + n, device=x.device)
-        qkv = self.qkv(x).view(B, n, 3, self.n_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, n, D)
-        q_rot = apply_rotary(q, positions, self.rope_base)
-        k_rot = apply_rotary(k, positions, self.rope_base)
+            positions = torch.arange(start, start + x.shape[1], device=x.device)
+        q, q_rot, k_rot, k_mem, v = self._project(x, positions)
         local = ops.attention(q_rot, k_rot, v, causal=True, return_lse=True)
         if memory is None:
-            y = local[0]
-        else:
-            first = int(positions[0]) if window_start is None else window_start
-            y = ops.merge([local, self.read(q, q_rot, positions - first, memory, memory_visible)])[
-                0
-            ]
-            if clear_rows:
-                memory.clear(clear_rows)
-            if write:
-                memory.add(k_rot if self.positions == "absolute" else k, v, positions, write_keep)
-        return self.proj(y.transpose(1, 2).reshape(B, n, C))
+            return self._out(local[0])
+        first = int(positions[0]) if window_start is None else window_start
+        qm = self._memory_query(q, q_rot, positions - first)
+        y = ops.merge([local, self.read(qm, memory, memory_visible)])[0]
+        if clear_rows:
+            memory.clear(clear_rows)
+        if write:
+            memory.add(k_mem, v, positions, write_keep)
+        return self._out(y)
 
-    def forward_crossbatch(
-        self,
-        x: Tensor,
-        positions: Tensor,
-        previous: tuple[Tensor, Tensor] | None,
-        negatives: int,
-        *,
-        window_start: int,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Crossbatch training (Focused Transformer): queries of window x (B, n, C) attend
-        to their causal window and, in the same softmax, to the previous window of their
-        own row (positive) and of the next ``negatives`` rows (cyclically; negatives from
-        other documents), with gradients through all of those keys and values. Returns
-        (output, this window's (memory keys, values)) for the next window."""
-        B, n, C = x.shape
-        if not 0 <= negatives < B:
-            raise ValueError(
-                f"crossbatch negatives must be in [0, batch - 1 = {B - 1}], got {negatives}"
+    def _windows(self, x: Tensor, positions: Tensor, st: MemoryState) -> Tensor:
+        """Input that continues the state: per window piece, attend locally (the window so
+        far) and read the store; a completed window is written to the store."""
+        start, n, W = st.length, x.shape[1], st.window
+        tokens = self._tokens(st, start, n, x)
+        q, q_rot, k_rot, k_mem, v = self._project(x, positions)
+        outs = []
+        for a, b in window_pieces(st.held, n, W):
+            off = st.held  # where the piece starts within its window
+            if off == 0 and b - a == W:  # a complete window: attend and write in place
+                keys, values, window_tokens = k_rot[:, :, a:b], v[:, :, a:b], tokens[:, a:b]
+                mem_k, mem_v = k_mem[:, :, a:b], v[:, :, a:b]
+            else:  # part of a window: through the state's window buffers
+                st.append(k_rot[:, :, a:b], k_mem[:, :, a:b], v[:, :, a:b], tokens[:, a:b])
+                keys, values = st.k_rot[:, :, : st.held], st.v[:, :, : st.held]
+                mem_k, mem_v, window_tokens = st.k_mem, st.v, st.tokens[:, : st.held]
+            local = ops.attention(q_rot[:, :, a:b], keys, values, causal=True, return_lse=True)
+            visible, keep, clear = document_rules(window_tokens, st.separator)
+            w0 = start + a - off  # the window's first position
+            qm = self._memory_query(q[:, :, a:b], q_rot[:, :, a:b], positions[a:b] - w0)
+            read = self.read(qm, st.store, visible[:, off : off + b - a])
+            outs.append(ops.merge([local, read])[0])
+            if off + b - a == W:  # the window is complete: into memory
+                if clear:
+                    st.store.clear(clear)
+                window_pos = torch.arange(w0, w0 + W, device=x.device)
+                st.store.add(mem_k, mem_v, window_pos, keep)
+                st.held = 0
+        st.length = start + n
+        return self._out(torch.cat(outs, dim=2))
+
+    def _tokens(self, st: MemoryState, start: int, n: int, x: Tensor) -> Tensor:
+        """The input's token ids (B, n), as the model showed them to the state."""
+        if st.pending is not None and st.pending[1] == start and st.pending[0].shape[1] == n:
+            return st.pending[0]
+        if st.separator < 0:  # no document rules: the ids do not matter
+            return torch.zeros(x.shape[0], n, dtype=torch.long, device=x.device)
+        raise ValueError(
+            "a memory layer with a document separator needs the input's token ids: call "
+            "state.observe(tokens, start) first (DecoderLM does this for its layers)"
+        )
+
+    def _crossbatch(self, x: Tensor, positions: Tensor, st: CrossbatchState) -> Tensor:
+        """Crossbatch training (module docstring): windows from a window boundary."""
+        B, n, _ = x.shape
+        d = st.negatives
+        if not 0 <= d < B:
+            raise ValueError(f"crossbatch negatives must be in [0, batch - 1 = {B - 1}], got {d}")
+        start, W = st.length, self.window
+        if start % W:
+            raise ValueError(f"crossbatch input must start at a window boundary, got {start}")
+        q, q_rot, k_rot, k_mem, v = self._project(x, positions)
+        rows = (
+            torch.arange(B, device=x.device).unsqueeze(-1) + torch.arange(d + 1, device=x.device)
+        ) % B
+        outs = []
+        for a, b in window_pieces(0, n, W):
+            local = ops.attention(
+                q_rot[:, :, a:b], k_rot[:, :, a:b], v[:, :, a:b], causal=True, return_lse=True
             )
-        qkv = self.qkv(x).view(B, n, 3, self.n_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, n, D)
-        q_rot = apply_rotary(q, positions, self.rope_base)
-        k_rot = apply_rotary(k, positions, self.rope_base)
-        local = ops.attention(q_rot, k_rot, v, causal=True, return_lse=True)
-        k_mem = k_rot if self.positions == "absolute" else k
-        if previous is None:
-            y = local[0]
-        else:
-            pk, pv = previous  # (B, H, m, D)
-            rows = (
-                torch.arange(B, device=x.device).unsqueeze(-1)
-                + torch.arange(negatives + 1, device=x.device)
-            ) % B
-            mk = pk[rows].transpose(1, 2).flatten(2, 3)  # (B, H, (d) * m, D): own row first
-            mv = pv[rows].transpose(1, 2).flatten(2, 3)
-            if self.positions == "absolute":
-                qm = q_rot
-            elif self.positions == "zero":
-                qm = apply_rotary(q, positions - window_start, self.rope_base)
+            if st.previous is None:
+                outs.append(local[0])
             else:
-                qm = q
-            read = ops.attention(qm, mk, mv, return_lse=True)
-            y = ops.merge([local, read])[0]
-        return self.proj(y.transpose(1, 2).reshape(B, n, C)), (k_mem, v)
+                pk, pv = st.previous  # (B, H, m, D)
+                mk = pk[rows].transpose(1, 2).flatten(2, 3)  # (B, H, (d + 1) * m, D), own first
+                mv = pv[rows].transpose(1, 2).flatten(2, 3)
+                qm = self._memory_query(q[:, :, a:b], q_rot[:, :, a:b], positions[a:b] - start - a)
+                read = ops.attention(qm, mk, mv, return_lse=True)
+                outs.append(ops.merge([local, read])[0])
+            st.previous = (k_mem[:, :, a:b], v[:, :, a:b])
+        st.length = start + n
+        return self._out(torch.cat(outs, dim=2))
 
-    def step(
+    # ------------------------------------------------------------------ model protocol
+
+    def attention_flops(self, n: int) -> float:
+        """Forward FLOPs of the local part (causal within windows); memory reads depend on
+        what the store holds and are not counted."""
+        return local_attention_flops(n, self.window, self.n_heads, self.head_dim)
+
+    def sequence_parallel(self, sp) -> None:
+        """Refused: windows read what earlier windows wrote."""
+        raise ValueError(NO_SEQUENCE_PARALLEL)
+
+
+@register_pattern
+@dataclasses.dataclass
+class Memory(Pattern):
+    """``[model.attention] kind = "memory"``: a Focused-Transformer model. Every layer
+    attends causally within windows of ``window`` positions; the layers in ``layers``
+    also read a memory of earlier windows (:class:`MemoryAttention`): ``capacity``
+    entries per layer and batch row (FIFO), ``retrieval`` dense/topk/faiss (``topk``
+    keys; ``faiss_index`` flat/hnsw), memory key ``positions`` none/zero/absolute, and a
+    document ``separator`` token (-1: none) that clears a row's memory."""
+
+    kind: ClassVar[str] = "memory"
+    strategies: ClassVar[tuple[str, ...]] = ()
+    layers: list[int] = dataclasses.field(default_factory=lambda: [0])
+    window: int = 256
+    capacity: int = 65536
+    retrieval: str = "dense"
+    topk: int = 32
+    positions: str = "zero"
+    faiss_index: str = "flat"
+    separator: int = 256
+
+    def __post_init__(self):
+        if not isinstance(self.layers, list) or any(
+            isinstance(i, bool) or not isinstance(i, int) for i in self.layers
+        ):
+            raise ValueError(
+                f"model.attention.layers must be a list of layer indices, got {self.layers!r}"
+            )
+        if not self.layers:
+            raise ValueError(
+                "model.attention.layers is empty: a memory model needs at least one memory "
+                "layer (for a model without memory use kind = 'dense')"
+            )
+        for name in ("window", "capacity", "topk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.attention.{name} must be >= 1, got {getattr(self, name)}")
+        for name, allowed in (
+            ("retrieval", RETRIEVALS),
+            ("positions", MEMORY_POSITIONS),
+            ("faiss_index", FAISS_INDEXES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"model.attention.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+
+    def check_model(self, dim: int, n_heads: int, n_layers: int) -> None:
+        bad = [i for i in self.layers if not 0 <= i < n_layers]
+        if bad or len(set(self.layers)) != len(self.layers):
+            raise ValueError(
+                f"model.attention.layers must hold distinct indices in [0, {n_layers - 1}], "
+                f"got {self.layers}"
+            )
+
+    def build(self, dim: int, n_heads: int, layer: int, *, rope_base: float) -> nn.Module:
+        if layer not in self.layers:
+            return super().build(dim, n_heads, layer, rope_base=rope_base)
+        return MemoryAttention(
+            dim,
+            n_heads,
+            retrieval=self.retrieval,
+            topk=self.topk,
+            positions=self.positions,
+            rope_base=rope_base,
+            faiss_index=self.faiss_index,
+            window=self.window,
+            capacity=self.capacity,
+            separator=self.separator,
+        )
+
+    # the layers without memory: causal attention within each window
+
+    def kernel(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return local_attention(q, k, v, None, self.window)[0]
+
+    def new_state(
         self,
-        x: Tensor,
-        positions: Tensor,
-        window: WindowCache,
-        memory: MemoryStore,
-        *,
-        window_start: int,
-        memory_visible: Tensor | None = None,
-    ) -> Tensor:
-        """Decoding: x (B, n, C) continues the current window. Its keys join ``window``
-        (written to memory later, by :meth:`flush`); queries attend to the window so far
-        and read the memory, exactly as :meth:`forward` does for the whole window."""
-        B, n, C = x.shape
-        qkv = self.qkv(x).view(B, n, 3, self.n_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, n, D)
-        q_rot = apply_rotary(q, positions, self.rope_base)
-        k_rot = apply_rotary(k, positions, self.rope_base)
-        keys, vals = window.append(k_rot, k if self.positions != "absolute" else k_rot, v)
-        local = ops.attention(q_rot, keys, vals, causal=True, return_lse=True)
-        read = self.read(q, q_rot, positions - window_start, memory, memory_visible)
-        y = ops.merge([local, read])[0]
-        return self.proj(y.transpose(1, 2).reshape(B, n, C))
+        module: nn.Module,
+        batch: int,
+        capacity: int,
+        dtype,
+        device,
+        policy: str = "full",
+        **options,
+    ) -> LayerState | None:
+        if policy == "crossbatch":
+            return None  # whole windows from position 0: the kernel
+        return KVCache(batch, module.n_heads, self.window, module.head_dim, dtype, device)
 
-    def read(self, q, q_rot, local_pos, memory: MemoryStore, visible=None):
-        """(out, lse) (B, H, n, D) of the queries over the memory."""
-        if self.positions == "absolute":
-            qm = q_rot
-        elif self.positions == "zero":
-            qm = apply_rotary(q, local_pos, self.rope_base)
-        else:
-            qm = q
-        scale = self.head_dim**-0.5
-        used = max(memory.filled, 1)  # skip never-written slots (a store fills from 0)
-        mk, mv, valid = memory.k[:, :, :used], memory.v[:, :, :used], memory.valid[:, :used]
-        if torch.is_grad_enabled():  # backward needs them as read, and the store moves on
-            mk, mv, valid = mk.clone(), mv.clone(), valid.clone()
-        if self.retrieval == "dense":
-            mask = valid[:, None, None, :]
-            if visible is not None:
-                mask = mask & visible[:, None, :, None]
-            return ops.masked_attention(qm, mk.to(qm.dtype), mv.to(qm.dtype), mask, return_lse=True)
-        if self.retrieval == "topk":
-            idx = torch_topk(mk.to(qm.dtype), valid, qm.detach(), self.topk)
-        else:
-            idx = faiss_search(mk, valid, qm, self.topk, self.faiss_index)
-        if visible is not None:
-            idx = idx.masked_fill(~visible[:, None, :, None], -1)
-        return _attend_selected(qm, mk.to(qm.dtype), mv.to(qm.dtype), idx, scale)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, state: KVCache) -> Tensor:
+        return local_attention(q, k, v, state, self.window)[0]
+
+    def cache_note(self, policy: str) -> str:
+        return "" if policy == "full" else f"cache={policy!r}: memory models keep memory + window"
+
+    def mask(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        return q_pos[:, None] // self.window == k_pos[None, :] // self.window
+
+    def flops(self, n: int, n_heads: int, head_dim: int) -> float:
+        return local_attention_flops(n, self.window, n_heads, head_dim)
+
+    def check_sequence_parallel(self, strategy: str, world: int, n_heads: int, n: int) -> None:
+        raise ValueError(NO_SEQUENCE_PARALLEL)
+
+    def sequence_parallel(self, strategy: str, group, *, causal: bool = True) -> Kernel:
+        raise ValueError(NO_SEQUENCE_PARALLEL)
 
 
 __all__ = [
-    "FAISS_INDEXES",
     "MEMORY_POSITIONS",
-    "RETRIEVALS",
+    "Memory",
     "MemoryAttention",
-    "WindowCache",
-    "MemoryStore",
-    "faiss_recall",
-    "faiss_search",
-    "torch_topk",
+    "document_rules",
+    "local_attention",
+    "local_attention_flops",
+    "window_pieces",
 ]

@@ -30,6 +30,14 @@ def previous_tokens(tokens: Tensor, n: int, history: Tensor | None = None) -> Te
     return torch.stack([full[:, n - 1 - i : n - 1 - i + N] for i in range(1, n)], dim=-1)
 
 
+def no_sequence_parallel(n: int) -> str:
+    """Why an n-gram embedding cannot run on sequence shards."""
+    return (
+        f"model.ngram = {n} is not supported with sequence parallelism (each shard would "
+        "need the tokens before it); use model.ngram = 1"
+    )
+
+
 class NgramEmbedding(nn.Module):
     """Learned embeddings of the n - 1 tokens before each position, summed (see the
     module docstring). ``forward(tokens, history)`` returns that sum (B, N, dim), to add
@@ -57,6 +65,10 @@ class NgramEmbedding(nn.Module):
             part = self.tables[i][ids.clamp(min=0)] * (ids >= 0).unsqueeze(-1)
             out = part if out is None else out + part
         return out
+
+    def sequence_parallel(self, sp) -> None:
+        """Refused: a sequence shard would need the tokens before it."""
+        raise ValueError(no_sequence_parallel(self.n))
 
     @staticmethod
     def advance(history: Tensor, tokens: Tensor) -> None:

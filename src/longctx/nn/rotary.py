@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor
 
+from ..ops.lowlevel import compute_dtype
+
 
 def rotary_angles(
     positions: Tensor, head_dim: int, base: float, dtype: torch.dtype = torch.float32
@@ -20,7 +22,7 @@ def apply_rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     """Rotate (B, H, N, D) queries or keys by their (global) positions: (N,), or (B, N)
     when the rows of the batch sit at different positions (routed tokens)."""
     d = x.shape[-1]
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(x.dtype)
     cos, sin = rotary_angles(positions, d, base, cd)  # (N, D/2) or (B, N, D/2)
     if positions.dim() == 2:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, N, D/2)

@@ -1,13 +1,17 @@
-"""Pure attention functions on (B, H, N, D) tensors: no parameters, no torch.distributed."""
+"""Pure attention functions on (B, H, N, D) tensors: no parameters, no torch.distributed.
+
+The building blocks these are made of (tile kernels, plans, the plan runner) are public in
+:mod:`longctx.ops.lowlevel`."""
 
 from . import reference
-from .attention import attention, chunked_attention, merge
+from .attention import attention, attention_flops, chunked_attention, merge
 from .dilated import dilated_attention, dilated_attention_flops
 from .masked import masked_attention
 from .sliding import sliding_window_attention, sliding_window_flops
 
 __all__ = [
     "attention",
+    "attention_flops",
     "chunked_attention",
     "dilated_attention",
     "dilated_attention_flops",

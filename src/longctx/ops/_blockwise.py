@@ -65,6 +65,10 @@ class Block:
     # an explicit mask instead of the position rule: tile (q0, q1, k0, k1) -> bool
     # broadcastable to (B, G, rows, cols) (True = visible), or None (all visible)
     mask_fn: Callable[[int, int, int, int], Tensor | None] | None = None
+    # no earlier block of the plan writes these query rows: the first tile over each row
+    # range is copied into the accumulators instead of merged (decided by the planner,
+    # so the forward needs no host sync to find out)
+    fresh: bool = False
 
     def all_tiles(self) -> tuple[Tile, ...]:
         return self.tiles if self.tiles is not None else (Tile(0, self.lq, 0, self.lk),)
@@ -188,7 +192,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: Sequence[Block], scale: floa
         vb = _gather(blk.ksel, v)
         ov = blk.qsel(out)  # (B, *g, lq, Dv) view of the accumulator
         lv = _lse_view(blk.qsel, lse)  # (B, *g, lq)
+        written: list[tuple[int, int]] = []  # row ranges of this block merged so far
         for tl in blk.all_tiles():
+            first = blk.fresh and all(tl.q1 <= a or tl.q0 >= b for a, b in written)
+            written.append((tl.q0, tl.q1))
             causal, bias = blk.kernel_mask(tl, q.dtype, q.device)
             ob, lb = attn_fwd(
                 qb[:, :, tl.q0 : tl.q1],
@@ -200,7 +207,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: Sequence[Block], scale: floa
             )
             ot = ov[..., tl.q0 : tl.q1, :]
             lt = lv[..., tl.q0 : tl.q1]
-            merge_into(ot, lt, ob.view(ot.shape), lb.view(lt.shape))
+            merge_into(ot, lt, ob.view(ot.shape), lb.view(lt.shape), first)
     return out.to(q.dtype), lse
 
 

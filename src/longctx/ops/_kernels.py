@@ -41,11 +41,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _empty_rows(bias: Tensor | None) -> Tensor | None:
-    """Bool mask broadcastable to (B, G, Lq) of rows whose keys are all forbidden."""
+    """Bool mask broadcastable to (B, G, Lq) of rows whose keys are all forbidden (no
+    host sync: the caller applies it whether or not any row is empty)."""
     if bias is None:
         return None
-    empty = torch.isneginf(bias).all(dim=-1)
-    return empty if bool(empty.any()) else None
+    return torch.isneginf(bias).all(dim=-1)
 
 
 def attn_fwd(
@@ -230,13 +230,19 @@ def accumulate_tile_grads(
     grads[2][:, :, rk] += g[2]
 
 
-def merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
+def merge_into(
+    acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, first: bool = False
+) -> None:
     """In place: (acc_out, acc_lse) <- merge((acc_out, acc_lse), (out, lse)).
 
     ``acc_out``/``acc_lse`` may be strided views into larger accumulators. ``out`` is
     consumed (scaled in place). No autograd: used inside the blockwise Function.
+    ``first``: the caller's plan guarantees that nothing was merged into this region yet
+    (it holds (0, -inf)), so the part is copied. The flag comes from the plan, never from
+    the data, so there is no host sync; merging into (0, -inf) gives the same result
+    exactly (alpha = 0, beta = exp(0) = 1), so a conservative plan only costs time.
     """
-    if bool(torch.isneginf(acc_lse).all()):  # first write into this region: a copy
+    if first:
         acc_out.copy_(out)
         acc_lse.copy_(lse)
         return

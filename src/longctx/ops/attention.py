@@ -30,18 +30,10 @@ def _single_block(nq: int, nk: int, causal: bool, q_offset: int | None, **tiling
         return []  # nothing to compute: out = 0, lse = -inf
     off = causal_query_offset(nq, nk, q_offset) if causal else 0
     tiles = span_tiles(nq, nk, causal=causal, delta=off, **tiling)
-    blk = Block(rows(0, nq), rows(0, nk), lq=nq, lk=nk, q_pos0=off, causal=causal, tiles=tiles)
+    blk = Block(
+        rows(0, nq), rows(0, nk), lq=nq, lk=nk, q_pos0=off, causal=causal, tiles=tiles, fresh=True
+    )
     return [blk]
-
-
-def plan_dense(nq: int, nk: int, causal: bool, q_offset: int | None) -> list[Block]:
-    return _single_block(nq, nk, causal, q_offset)
-
-
-def plan_chunked(
-    nq: int, nk: int, causal: bool, q_offset: int | None, chunk_size: int
-) -> list[Block]:
-    return _single_block(nq, nk, causal, q_offset, row_chunk=chunk_size, key_chunk=chunk_size)
 
 
 def attention(
@@ -66,7 +58,7 @@ def attention(
     check_qkv(q, k, v)
     tau = resolve_scale(scale, q.shape[-1])
     q_offset = optional_int(q_offset, "q_offset")
-    plan = plan_dense(q.shape[2], k.shape[2], bool(causal), q_offset)
+    plan = _single_block(q.shape[2], k.shape[2], bool(causal), q_offset)
     out, lse = run_plan(q, k, v, plan, tau)
     return (out, lse) if return_lse else out
 
@@ -92,9 +84,41 @@ def chunked_attention(
     tau = resolve_scale(scale, q.shape[-1])
     chunk_size = positive_int(chunk_size, "chunk_size")
     q_offset = optional_int(q_offset, "q_offset")
-    plan = plan_chunked(q.shape[2], k.shape[2], bool(causal), q_offset, chunk_size)
+    plan = _single_block(
+        q.shape[2], k.shape[2], bool(causal), q_offset, row_chunk=chunk_size, key_chunk=chunk_size
+    )
     out, lse = run_plan(q, k, v, plan, tau)
     return (out, lse) if return_lse else out
+
+
+def attention_flops(
+    nq: int,
+    num_heads: int,
+    head_dim: int,
+    *,
+    causal: bool = False,
+    nk: int | None = None,
+    batch: int = 1,
+) -> int:
+    """Useful FLOPs (4 * D per visible (query, key) pair: QK^T and PV multiply-adds) of
+    dense attention of ``nq`` queries over ``nk`` keys (default ``nq``); causal aligns
+    bottom-right, as :func:`attention` does."""
+    nk = nq if nk is None else nk
+    pairs = _causal_pairs(nq, nk) if causal else nq * nk
+    return 4 * head_dim * num_heads * batch * pairs
+
+
+def _causal_pairs(nq: int, nk: int) -> int:
+    """Visible pairs of bottom-right causal attention: query i sees keys 0 .. i + nk - nq."""
+    off = nk - nq
+    lo = max(0, -off)  # first row that sees a key
+    hi = min(nq, nk - off)  # rows before this see fewer than nk keys
+    partial = 0
+    if hi > lo:
+        a, b = lo + off + 1, hi - 1 + off + 1  # counts of the first and last partial rows
+        partial = (a + b) * (hi - lo) // 2
+    full = max(0, nq - max(hi, lo)) * nk
+    return partial + full
 
 
 def merge(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

@@ -121,22 +121,26 @@ def plan_dilated(
     blocks: list[Block] = []
     if n == 0:
         return blocks
-    for w, r in zip(ws, rs):
+    for b, (w, r) in enumerate(zip(ws, rs)):
         seg = min(w, n)
         n_full = (n // seg) * seg
+        fresh = b == 0  # the first branch's blocks write disjoint rows, before any other
         for head, o in enumerate(head_offsets(num_heads, r, offsets)):
             c = _count(o, seg, r)
             if c > 0:
                 sel = _full_segments_sel(head, n_full, seg, o, r)
                 tiles = span_tiles(c, c, causal=causal)
-                blocks.append(
-                    Block(sel, sel, c, c, causal=causal, groups=n_full // seg, tiles=tiles)
-                )
+                groups = n_full // seg
+                blk = Block(sel, sel, c, c, causal=causal, groups=groups, tiles=tiles, fresh=fresh)
+                blocks.append(blk)
             c_tail = _count(o, n - n_full, r)
             if c_tail > 0:
                 sel = _tail_sel(head, n_full, o, r)
                 tiles = span_tiles(c_tail, c_tail, causal=causal)
-                blocks.append(Block(sel, sel, c_tail, c_tail, causal=causal, groups=1, tiles=tiles))
+                blk = Block(
+                    sel, sel, c_tail, c_tail, causal=causal, groups=1, tiles=tiles, fresh=fresh
+                )
+                blocks.append(blk)
     return blocks
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._blockwise import Block, run_plan
 from ._validate import check_qkv, optional_int, resolve_scale
-from .attention import rows
+from .attention import causal_query_offset, rows
 
 # (q0, q1, k0, k1): query rows q0..q1 see (some of) key rows k0..k1 and no other key.
 TileRange = tuple[int, int, int, int]
@@ -51,6 +51,7 @@ def tiled_masked_attention(
             lq=q1 - q0,
             lk=k1 - k0,
             mask_fn=lambda a, b, c, d, q0=q0, k0=k0: mask_fn(q0 + a, q0 + b, k0 + c, k0 + d),
+            fresh=True,  # tiles never share query rows
         )
         for q0, q1, k0, k1 in tiles
     ]
@@ -100,7 +101,7 @@ def masked_attention(
     tau = resolve_scale(scale, q.shape[-1])
     q_offset = optional_int(q_offset, "q_offset")
     nq, nk = q.shape[2], k.shape[2]
-    off = (nk - nq if q_offset is None else q_offset) if causal else 0
+    off = causal_query_offset(nq, nk, q_offset) if causal else 0
 
     def mask_fn(q0: int, q1: int, k0: int, k1: int) -> Tensor:
         part = m[..., q0:q1, k0:k1]

@@ -48,7 +48,14 @@ def plan_sliding(n: int, window: int, causal: bool, block_size: int | None = Non
         cuts = sorted({lo, all_lo, all_hi, hi} | ({b} if causal else set()))
         tiles += [Tile(a, b, k0, k1) for k0, k1 in zip(cuts[:-1], cuts[1:]) if k1 > k0]
     blk = Block(
-        rows(0, n), rows(0, n), lq=n, lk=n, causal=causal, window=window, tiles=tuple(tiles)
+        rows(0, n),
+        rows(0, n),
+        lq=n,
+        lk=n,
+        causal=causal,
+        window=window,
+        tiles=tuple(tiles),
+        fresh=True,
     )
     return [blk]
 
@@ -106,6 +113,7 @@ def sliding_window_attention_at(
         k_pos0=k_start,
         causal=True,
         window=window,
+        fresh=True,
     )
     out, _ = run_plan(q, k, v, [blk] if nq and nk else [], tau)
     return out

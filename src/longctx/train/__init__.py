@@ -1,6 +1,30 @@
-"""Training loop, run configs and checkpoints of runs."""
+"""Training: run configs, the training loop in parts, the optimiser, and the parallel
+interface (one process by default)."""
 
-from .config import RunConfig, TrainConfig, resolve_config
-from .loop import TrainResult, prepare_run, train
+from .config import CrossbatchConfig, RunConfig, TrainConfig, resolve_config
+from .loop import (
+    StepStats,
+    Trainer,
+    TrainResult,
+    load_run_config,
+    prepare_run,
+    train,
+    validation_bits,
+)
+from .parallel import Parallel, SingleProcess
 
-__all__ = ["RunConfig", "TrainConfig", "TrainResult", "prepare_run", "resolve_config", "train"]
+__all__ = [
+    "CrossbatchConfig",
+    "Parallel",
+    "RunConfig",
+    "SingleProcess",
+    "StepStats",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "load_run_config",
+    "prepare_run",
+    "resolve_config",
+    "train",
+    "validation_bits",
+]

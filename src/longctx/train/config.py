@@ -7,8 +7,16 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import apply_overrides, from_dict, load_preset, load_toml, to_dict
-from ..data import VOCAB_SIZE, DataConfig
+from ..config import (
+    FORMAT_VERSION,
+    apply_overrides,
+    check_format_version,
+    from_dict,
+    load_preset,
+    load_toml,
+    to_dict,
+)
+from ..data import VOCAB_SIZE, DataConfig, task_source
 from ..model import ModelConfig
 
 DEFAULT_PRESET = "tiny"
@@ -50,6 +58,8 @@ class CrossbatchConfig:
 
 @dataclass
 class TrainConfig:
+    """The ``[train]`` table: optimisation, limits, evaluation and checkpoints."""
+
     context: int = 512  # tokens per training sequence
     batch_size: int = 16
     grad_accum: int = 1
@@ -109,6 +119,9 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    """A run's whole config: ``[model]``, ``[train]`` and ``[data]``. Its file form
+    (``config.json``) also records the format version."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -120,9 +133,16 @@ class RunConfig:
                 f"got {self.model.vocab_size}"
             )
         cb = self.train.crossbatch
-        if cb.negatives and not self.model.memory_layers:
+        if cb.negatives and self.model.attention.kind != "memory":
             raise ValueError(
-                "train.crossbatch needs a model with memory layers (model.memory_layers)"
+                "train.crossbatch needs a model with memory layers ([model.attention] kind = "
+                f"'memory'), got {self.model.attention.kind!r} attention"
+            )
+        if task_source(self.data.source) and not self.data.task_window < self.train.context:
+            raise ValueError(
+                f"data.task_window ({self.data.task_window}) must be smaller than "
+                f"train.context ({self.train.context}): questions about records beyond the "
+                "window need a longer sequence"
             )
         if cb.negatives >= self.train.batch_size:
             raise ValueError(
@@ -131,11 +151,21 @@ class RunConfig:
             )
 
     @classmethod
-    def from_dict(cls, data: dict) -> RunConfig:
-        return from_dict(cls, data)
+    def from_dict(cls, data: dict, where: str = "") -> RunConfig:
+        """From a run config's table (any format version this longctx reads)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the config must be a table of keys, got {data!r}")
+        data = dict(data)
+        version = check_format_version(data.pop("format_version", 1), "the config")
+        if version == 1:  # the task's local window was the model's memory window
+            model, source = data.get("model", {}), data.get("data", {})
+            if isinstance(model, dict) and isinstance(source, dict) and "memory_window" in model:
+                data["data"] = {"task_window": model["memory_window"], **source}
+        return from_dict(cls, data, where)
 
     def to_dict(self) -> dict:
-        return to_dict(self)
+        """The config as written to ``config.json`` (with its format version)."""
+        return {"format_version": FORMAT_VERSION, **to_dict(self)}
 
 
 def resolve_config(

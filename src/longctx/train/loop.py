@@ -1,35 +1,41 @@
-"""Training: AdamW, warmup + cosine schedule, clipping, accumulation, bf16 autocast,
-checkpoints that resume exactly, Ctrl-C that saves first."""
+"""Training in parts: :class:`Trainer` builds a run (data, model, optimiser), takes
+optimisation steps (:meth:`Trainer.train_step`), evaluates (:meth:`Trainer.evaluate`) and
+saves (:meth:`Trainer.save`); :meth:`Trainer.run` is the loop that calls them, logs, and
+stops on a limit or Ctrl-C. How the work is spread over processes is one object
+(:mod:`longctx.train.parallel`): the loop never branches on it.
+
+Checkpoints resume exactly (batches depend only on (seed, step)); Ctrl-C finishes the
+step, saves and stops."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from .._util import Progress, append_jsonl, atomic_write, atomic_write_json, nats_to_bits
 from ..config import apply_overrides
-from ..data import Corpus, load_corpus
-from ..data.corpus import eval_windows, sample_batch
-from ..data.tasks import TaskData, task_source
+from ..data import Corpus, training_source
 from ..model import DecoderLM
 from ..model.checkpoint import (
     CheckpointError,
+    checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
-from ..model.lm import LN2, bits_per_position
+from ..model.lm import LossTerms
 from .config import RunConfig
+from .optim import build_optimizer, load_optimizer, lr_at, optimizer_tensors
+from .parallel import Parallel, SingleProcess
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -38,6 +44,8 @@ CKPT_DIR = "checkpoints"
 
 @dataclass
 class TrainResult:
+    """Where a run stopped and its numbers."""
+
     run_dir: Path
     step: int
     tokens: int
@@ -50,47 +58,309 @@ class TrainResult:
     baseline: str = "unigram baseline"  # what unigram_bpb is ("no-retrieval chance" for tasks)
 
 
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+@dataclass
+class StepStats:
+    """What one optimisation step measured."""
+
+    loss: float  # cross-entropy, nats per target token (mean over the step's batches)
+    router_aux: float | None  # the routers' auxiliary loss (None without routers)
+    lr: float
+    grad_norm: float | None
+    negatives: int | None  # crossbatch negatives (None: off)
 
 
-def build_optimizer(model: DecoderLM, cfg) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+@torch.no_grad()
+def validation_bits(model: DecoderLM, batches, parallel: Parallel) -> float:
+    """Mean bits per target token (targets -100 excluded; tokens are bytes, so bits per
+    byte for text) over (inputs, targets) batches, with the model's inference forward."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        xl, yl, positions, _ = parallel.shard(x, y)
+        n = int((y >= 0).sum())
+        total += float(model.loss_terms(xl, yl, positions=positions, normalizer=n).lm) * n
+        count += n
+    model.train(was)
+    (total,) = parallel.mean([total])
+    return nats_to_bits(total / max(count, 1))
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, meta = {}, {}
-    for idx, st in sd["state"].items():
-        for key, value in st.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{key}"] = value
-            else:
-                meta[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": meta}
+class Trainer:
+    """One training run (module docstring). Build it, optionally :meth:`resume`, then
+    :meth:`run`; or drive :meth:`train_step`, :meth:`evaluate` and :meth:`save`."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        *,
+        parallel: Parallel | None = None,
+        corpus: Corpus | None = None,
+        progress: bool = True,
+    ):
+        tc = cfg.train
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.par = parallel or SingleProcess()
+        self.source = training_source(
+            cfg.data,
+            batch=tc.batch_size,
+            context=tc.context,
+            seed=tc.seed,
+            eval_windows=tc.eval_windows,
+            corpus=corpus,
+        )
+        torch.manual_seed(tc.seed)
+        self.model = DecoderLM(cfg.model)
+        self.par.prepare(self.model)
+        self.opt = build_optimizer(self.model, tc)
+        self.step, self.tokens = 0, 0
+        self.tokens_per_step = tc.batch_size * tc.context * tc.grad_accum * self.par.dp_size
+        self.progress = progress and self.par.is_main
+        self.metrics = self.run_dir / METRICS_FILE
+        self.ckpt_root = self.run_dir / CKPT_DIR
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.bf16 else None
+        self.autocast = autocast or contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ parts
+
+    def resume(self, checkpoint: Path | None = None) -> None:
+        """Continue from a checkpoint (default: the newest): weights, optimiser, random
+        state, step and token count; metrics logged after it are dropped."""
+        path = checkpoint or latest_checkpoint(self.ckpt_root)
+        loaded, state = load_checkpoint(path, ["model", "optimizer", "rng"])
+        try:
+            self.model.load_state_dict(loaded["model"])
+            load_optimizer(self.opt, loaded["optimizer"], state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {exc}") from None
+        torch.set_rng_state(loaded["rng"]["cpu"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        if self.par.is_main:
+            _truncate_metrics(self.metrics, self.step)
+            print(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens)")
+
+    def train_step(self) -> StepStats:
+        """One optimisation step: ``grad_accum`` micro-batches, gradients reduced over
+        processes, clipping, AdamW."""
+        tc = self.cfg.train
+        lr = lr_at(self.step, tc)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        negatives = tc.crossbatch.at(self.step)
+        loss, aux = 0.0, None
+        for micro in range(tc.grad_accum):
+            x, y = self.source.batch(self.par.batch_index(self.step, micro, tc.grad_accum))
+            terms = self.loss_terms(x, y, negatives)
+            (terms.total / tc.grad_accum).backward()
+            loss += float(terms.lm.detach()) / tc.grad_accum
+            if terms.router_aux is not None:
+                aux = (aux or 0.0) + float(terms.router_aux.detach()) / tc.grad_accum
+        self.par.reduce_gradients(self.model)
+        (loss,) = self.par.mean([loss])
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss} at step {self.step}; lower train.lr or enable grad_clip"
+            )
+        grad_norm = None
+        if tc.grad_clip:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        return StepStats(loss, aux, lr, grad_norm, negatives)
+
+    def loss_terms(self, x, y, negatives: int | None) -> LossTerms:
+        """This process's loss terms for a batch (its shard, under crossbatch when
+        ``negatives`` is set), through the model's one objective function."""
+        xl, yl, positions, normalizer = self.par.shard(x, y)
+        state = None
+        if negatives is not None:
+            state = self.model.new_state(xl.shape[0], crossbatch=negatives)
+        with self.autocast:
+            return self.model.loss_terms(
+                xl, yl, state=state, positions=positions, normalizer=normalizer
+            )
+
+    def evaluate(self) -> float:
+        """Validation loss in the source's unit (bits per byte, or per target token)."""
+        return validation_bits(self.model, self.source.val_batches, self.par)
+
+    def save(self) -> Path:
+        """Write a checkpoint of this step (the main process; the others wait for it)."""
+        path = self.ckpt_root / checkpoint_name(self.step)
+        if self.par.is_main:
+            opt_tensors, opt_meta = optimizer_tensors(self.opt)
+            tensors = {
+                "model": self.model.state_dict(),
+                "optimizer": opt_tensors,
+                "rng": {"cpu": torch.get_rng_state()},
+            }
+            meta = {"tokens": self.tokens, "config": self.cfg.to_dict(), "optimizer": opt_meta}
+            path = save_checkpoint(self.ckpt_root, self.step, tensors, meta)
+            prune_checkpoints(self.ckpt_root, self.cfg.train.keep_checkpoints)
+        self.par.barrier()
+        return path
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> TrainResult:
+        """Train until ``max_steps``, ``max_tokens``, ``max_minutes`` or Ctrl-C; then save
+        and (unless interrupted) evaluate."""
+        tc = self.cfg.train
+        self.model.train()
+        self._clock = self._window = time.monotonic()
+        self._window_tokens = 0
+        stopped_by, last, val, ckpt = "max_steps", None, None, None
+        bar = Progress(tc.max_steps, "train", unit="step", initial=self.step, enabled=self.progress)
+        with _StopFlag() as stop, bar:
+            while self.step < tc.max_steps:
+                stats = self.train_step()
+                last = stats.loss
+                self._window_tokens += self.tokens_per_step
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    self._log(stats, bar)
+                if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
+                    val = self._evaluate_and_log(bar)
+                if self.step % tc.save_every == 0:
+                    ckpt = self.save()
+                reason = self._stop_reason(stop)
+                if reason:
+                    stopped_by = reason
+                    break
+        if ckpt is None or ckpt.name != checkpoint_name(self.step):
+            ckpt = self.save()
+        if stopped_by != "interrupt":
+            val = self._evaluate_and_log(None)
+        return TrainResult(
+            run_dir=self.run_dir,
+            step=self.step,
+            tokens=self.tokens,
+            final_train_bpb=None if last is None else nats_to_bits(last),
+            val_bpb=val,
+            unigram_bpb=self.source.baseline,
+            stopped_by=stopped_by,
+            checkpoint=ckpt,
+            unit=self.source.unit,
+            baseline=self.source.baseline_name,
+        )
+
+    def _log(self, stats: StepStats, bar: Progress) -> None:
+        now = time.monotonic()
+        tok_s = self._window_tokens / max(now - self._window, 1e-9)
+        self._window, self._window_tokens = now, 0
+        row = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": stats.loss,
+            "bpb": nats_to_bits(stats.loss),
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "tokens_per_s": tok_s,
+            "elapsed_s": now - self._clock,
+        }
+        if stats.negatives is not None:
+            row["crossbatch_negatives"] = stats.negatives
+        routed = self.model.routed_fractions()
+        if routed:  # CoLT5: the fraction each router sent to its heavy branch
+            row["router_aux_loss"] = stats.router_aux
+            row["routed_fraction"] = routed
+        if self.par.is_main:
+            append_jsonl(self.metrics, row)
+        post = {"loss": f"{stats.loss:.3f}", "bpb": f"{nats_to_bits(stats.loss):.3f}"}
+        if routed:
+            post["routed"] = f"{sum(routed.values()) / len(routed):.3f}"
+        bar.set_postfix(**post, tok_s=f"{tok_s:,.0f}")
+
+    def _evaluate_and_log(self, bar: Progress | None) -> float:
+        """Evaluate; log it (``bar`` None: the final evaluation)."""
+        val = self.evaluate()
+        if self.par.is_main:
+            row = {"step": self.step, "tokens": self.tokens, "val_bpb": val}
+            append_jsonl(self.metrics, row if bar is not None else {**row, "final": True})
+            if bar is not None:
+                src = self.source
+                bar.write(
+                    f"step {self.step}: validation {val:.3f} {src.unit} "
+                    f"({src.baseline_name} {src.baseline:.3f})"
+                )
+        return val
+
+    def _stop_reason(self, stop: _StopFlag) -> str | None:
+        """Why to stop after this step (every process takes the same decision)."""
+        tc = self.cfg.train
+        late = bool(tc.max_minutes) and time.monotonic() - self._clock >= 60 * tc.max_minutes
+        interrupted, late = self.par.any(stop.requested), self.par.any(late)
+        if interrupted:
+            return "interrupt"
+        if tc.max_tokens and self.tokens >= tc.max_tokens:
+            return "max_tokens"
+        return "max_minutes" if late else None
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    for key, value in meta.get("scalars", {}).items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def train(
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    checkpoint: Path | None = None,
+    corpus: Corpus | None = None,
+    progress: bool = True,
+    parallel: Parallel | None = None,
+) -> TrainResult:
+    """Train (or resume) a run in ``run_dir``; returns where it stopped and the numbers.
+
+    ``parallel``: e.g. a :class:`longctx.distributed.training.ParallelTraining` (under
+    torchrun: sequence shards per rank, gradients reduced over ranks; only rank 0
+    writes); default one process."""
+    threads = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        trainer = Trainer(cfg, run_dir, parallel=parallel, corpus=corpus, progress=progress)
+        if resume:
+            trainer.resume(checkpoint)
+        return trainer.run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def prepare_run(
+    run_dir: Path, cfg: RunConfig | None, resume: bool, overrides: list[str] = ()
+) -> RunConfig:
+    """Fresh run: write config.json (refusing to overwrite another run). Resume: read it,
+    apply any --set overrides (e.g. a larger train.max_steps)."""
+    cfg_path = run_dir / CONFIG_FILE
+    if resume:
+        if not cfg_path.exists():
+            raise ValueError(f"--resume: {run_dir} has no {CONFIG_FILE}; is it a run directory?")
+        cfg = load_run_config(run_dir, overrides)
+    else:
+        if cfg_path.exists():
+            raise ValueError(
+                f"{run_dir} already holds a run; use --resume to continue it or choose "
+                "another --out"
+            )
+        if cfg is None:
+            raise ValueError("a new run needs a config")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cfg_path, cfg.to_dict())
+    return cfg
+
+
+def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:
+    """A run directory's config (any format version this longctx reads), with optional
+    ``--set`` overrides applied."""
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{run_dir} has no {CONFIG_FILE}; is it a run directory?") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    return RunConfig.from_dict(apply_overrides(data, list(overrides)))
 
 
 class _StopFlag:
@@ -119,16 +389,6 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def evaluate_bpb(model: DecoderLM, windows: list[torch.Tensor], batch: int) -> float:
-    """Mean bits per token (= per byte: tokens are bytes) over validation windows."""
-    return float(bits_per_position(model, windows, batch).mean())
-
-
-def _append(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume: drop rows logged after the checkpoint (they will be produced again)."""
     if not path.exists():
@@ -138,279 +398,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
         for line in path.read_text().splitlines()
         if line.strip() and json.loads(line).get("step", 0) <= step
     ]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
 
 
-@torch.no_grad()
-def evaluate_targets(model: DecoderLM, batches) -> float:
-    """Mean bits per target token (targets -100 excluded) over (inputs, targets) batches,
-    with the model's inference forward (memory models: window by window, with memory)."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        logits = model(x)
-        total += float(F.cross_entropy(logits.transpose(1, 2), y, reduction="sum"))
-        count += int((y >= 0).sum())
-    model.train(was)
-    return total / max(count, 1) / LN2
-
-
-def prepare_run(
-    run_dir: Path, cfg: RunConfig | None, resume: bool, overrides: list[str] = ()
-) -> RunConfig:
-    """Fresh run: write config.json (refusing to overwrite another run). Resume: read it,
-    apply any --set overrides (e.g. a larger train.max_steps)."""
-    cfg_path = run_dir / CONFIG_FILE
-    if resume:
-        if not cfg_path.exists():
-            raise ValueError(f"--resume: {run_dir} has no {CONFIG_FILE}; is it a run directory?")
-        data = json.loads(cfg_path.read_text())
-        cfg = RunConfig.from_dict(apply_overrides(data, list(overrides)))
-    else:
-        if cfg_path.exists():
-            raise ValueError(
-                f"{run_dir} already holds a run; use --resume to continue it or choose "
-                "another --out"
-            )
-        assert cfg is not None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cfg_path.with_name(CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
-    os.replace(tmp, cfg_path)
-    return cfg
-
-
-def train(
-    cfg: RunConfig,
-    run_dir: Path,
-    *,
-    resume: bool = False,
-    checkpoint: Path | None = None,
-    corpus: Corpus | None = None,
-    progress: bool = True,
-    parallel=None,
-) -> TrainResult:
-    """Train (or resume) a run in ``run_dir``; returns where it stopped and the numbers.
-
-    ``parallel``: a ``longctx.distributed.training.ParallelTraining`` (under torchrun):
-    sequence shards per rank, gradients reduced over ranks; only rank 0 writes."""
-    threads = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    try:
-        return _train(cfg, run_dir, resume, checkpoint, corpus, progress, parallel)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(cfg, run_dir, resume, checkpoint, corpus, progress, par) -> TrainResult:
-    tc = cfg.train
-    task = task_source(cfg.data.source)
-    if task is not None:  # synthetic sequences with targets only where the loss is
-        if par is not None:
-            raise ValueError("a task data source trains without sequence parallelism")
-        data = TaskData(
-            task,
-            cfg.model.memory_window,
-            question_fraction=cfg.data.task_questions,
-            local_fraction=cfg.data.task_local,
-            targets=cfg.data.task_targets,
-            near_fraction=cfg.data.task_near,
-        )
-        n_val = max(1, -(-tc.eval_windows // tc.batch_size))
-        val = [data.batch(tc.batch_size, tc.context, tc.seed, i, "val") for i in range(n_val)]
-        unigram = data.chance_bits(tc.context)
-
-        def next_batch(index):
-            return data.batch(tc.batch_size, tc.context, tc.seed, index)
-
-    else:
-        corpus = corpus or load_corpus(cfg.data)
-        val = eval_windows(corpus.val, tc.context, tc.eval_windows)
-        unigram = corpus.unigram_bits_per_token()
-
-        def next_batch(index):
-            return sample_batch(corpus.train, tc.batch_size, tc.context, tc.seed, index)
-
-    unit = "bits/target token" if task is not None else "bits/byte"
-    baseline = "no-retrieval chance" if task is not None else "unigram baseline"
-    metrics = run_dir / METRICS_FILE
-    ckpt_root = run_dir / CKPT_DIR
-
-    main = par is None or par.is_main
-    progress = progress and main
-    torch.manual_seed(tc.seed)
-    model = DecoderLM(cfg.model)
-    if par is not None:
-        par.sp.parallelize(model)
-    opt = build_optimizer(model, tc)
-    dp = 1 if par is None else par.dp_size
-
-    def val_bpb_now() -> float:
-        if task is not None:
-            return evaluate_targets(model, val)
-        if par is None:
-            return evaluate_bpb(model, val, tc.batch_size)
-        return par.evaluate_bpb(model, val, tc.batch_size)
-
-    step, tokens = 0, 0
-    if resume:
-        path = checkpoint or latest_checkpoint(ckpt_root)
-        loaded, state = load_checkpoint(path, ["model", "optimizer", "rng"])
-        try:
-            model.load_state_dict(loaded["model"])
-            _load_optimizer(opt, loaded["optimizer"], state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {path} does not fit this run: {exc}") from None
-        torch.set_rng_state(loaded["rng"]["cpu"])
-        step, tokens = int(state["step"]), int(state["tokens"])
-        if main:
-            _truncate_metrics(metrics, step)
-            print(f"resumed from {path} at step {step} ({tokens:,} tokens)")
-
-    def save() -> Path:
-        if par is not None:  # written once, by rank 0; the others wait for it
-            path = _save() if main else ckpt_root / f"step-{step:08d}"
-            par.barrier()
-            return path
-        return _save()
-
-    def _save() -> Path:
-        opt_tensors, opt_meta = _optimizer_tensors(opt)
-        path = save_checkpoint(
-            ckpt_root,
-            step,
-            {
-                "model": model.state_dict(),
-                "optimizer": opt_tensors,
-                "rng": {"cpu": torch.get_rng_state()},
-            },
-            {"tokens": tokens, "config": cfg.to_dict(), "optimizer": opt_meta},
-        )
-        prune_checkpoints(ckpt_root, tc.keep_checkpoints)
-        return path
-
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.bf16 else contextlib.nullcontext()
-    tokens_per_step = tc.batch_size * tc.context * tc.grad_accum * dp
-    start_time = time.monotonic()
-    window_time, window_tokens = time.monotonic(), 0
-    stopped_by = "max_steps"
-    last_loss = None
-    val_bpb = None
-    ckpt_path = None
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=not progress)
-    model.train()
-    with _StopFlag() as stop:
-        while step < tc.max_steps:
-            lr = lr_at(step, tc)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss_sum, aux_sum = 0.0, None
-            negatives = tc.crossbatch.at(step)  # memory models: crossbatch negatives
-            for micro in range(tc.grad_accum):
-                index = (
-                    step * tc.grad_accum + micro
-                    if par is None
-                    else par.batch_index(step, micro, tc.grad_accum)
-                )
-                x, y = next_batch(index)
-                with autocast:
-                    if par is None:
-                        lm, aux = model.loss_parts(x, y, crossbatch=negatives)
-                    else:
-                        lm, aux = par.local_loss(model, x, y), None
-                    loss = lm if aux is None else lm + model.cfg.colt5_aux_weight * aux
-                (loss / tc.grad_accum).backward()
-                loss_sum += float(lm.detach()) / tc.grad_accum
-                if aux is not None:
-                    aux_sum = (aux_sum or 0.0) + float(aux.detach()) / tc.grad_accum
-            if par is not None:
-                par.all_reduce_grads(model)
-                (loss_sum,) = par.replica_mean([loss_sum])
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(
-                    f"loss is {loss_sum} at step {step}; lower train.lr or enable grad_clip"
-                )
-            grad_norm = (
-                float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-                if tc.grad_clip
-                else None
-            )
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens += tokens_per_step
-            window_tokens += tokens_per_step
-            last_loss = loss_sum
-            bar.update(1)
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                now = time.monotonic()
-                tok_s = window_tokens / max(now - window_time, 1e-9)
-                window_time, window_tokens = now, 0
-                row = {
-                    "step": step,
-                    "tokens": tokens,
-                    "loss": loss_sum,
-                    "bpb": loss_sum / LN2,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tok_s,
-                    "elapsed_s": now - start_time,
-                }
-                if negatives is not None:
-                    row["crossbatch_negatives"] = negatives
-                routed = model.routed_fractions()
-                if routed:  # CoLT5: the fraction each router sent to its heavy branch
-                    row["router_aux_loss"] = aux_sum
-                    row["routed_fraction"] = routed
-                if main:
-                    _append(metrics, row)
-                post = {"loss": f"{loss_sum:.3f}", "bpb": f"{loss_sum / LN2:.3f}"}
-                if routed:
-                    post["routed"] = f"{sum(routed.values()) / len(routed):.3f}"
-                bar.set_postfix(**post, tok_s=f"{tok_s:,.0f}")
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
-                val_bpb = val_bpb_now()
-                if main:
-                    _append(metrics, {"step": step, "tokens": tokens, "val_bpb": val_bpb})
-                    bar.write(
-                        f"step {step}: validation {val_bpb:.3f} {unit} ({baseline} {unigram:.3f})"
-                    )
-            if step % tc.save_every == 0:
-                ckpt_path = save()
-            interrupted = stop.requested
-            late = bool(tc.max_minutes) and time.monotonic() - start_time >= 60 * tc.max_minutes
-            if par is not None:  # every rank must take the same decision
-                interrupted, late = par.any(interrupted), par.any(late)
-            if interrupted:
-                stopped_by = "interrupt"
-                break
-            if tc.max_tokens and tokens >= tc.max_tokens:
-                stopped_by = "max_tokens"
-                break
-            if late:
-                stopped_by = "max_minutes"
-                break
-    bar.close()
-    if ckpt_path is None or ckpt_path.name != f"step-{step:08d}":
-        ckpt_path = save()
-    if stopped_by != "interrupt":
-        val_bpb = val_bpb_now()
-        if main:
-            row = {"step": step, "tokens": tokens, "val_bpb": val_bpb, "final": True}
-            _append(metrics, row)
-    return TrainResult(
-        run_dir=run_dir,
-        step=step,
-        tokens=tokens,
-        final_train_bpb=None if last_loss is None else last_loss / LN2,
-        val_bpb=val_bpb,
-        unigram_bpb=unigram,
-        stopped_by=stopped_by,
-        checkpoint=ckpt_path,
-        unit=unit,
-        baseline=baseline,
-    )
+__all__ = [
+    "StepStats",
+    "TrainResult",
+    "Trainer",
+    "load_run_config",
+    "prepare_run",
+    "train",
+    "validation_bits",
+]

@@ -1,4 +1,5 @@
-"""``longctx generate RUN_DIR``: text in, streamed text out, with a cache policy."""
+"""Text generation from a trained run (``longctx generate RUN_DIR``): text in, streamed
+text out, with a cache policy; optional per-step statistics as JSON lines."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import sys
 from pathlib import Path
 
 from .data import EOD, encode
-from .model.checkpoint import latest_checkpoint, load_model
-from .model.generate import Generation, generate
+from .model import Generation, generate, latest_checkpoint, load_model
 
 
 def generate_text(

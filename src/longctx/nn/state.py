@@ -1,0 +1,475 @@
+"""Every state that a layer or the model carries from one call to the next, in one place:
+key/value caches for decoding, the bounded dilated cache, CoLT5's routed cache, memory
+stores and the memory layer's current window, the crossbatch context, and the model-level
+container with the n-gram token history.
+
+States only *store*. The pattern or module that owns a state decides what to write and
+attends over what it reads (as gpt-fast's ``KVCache.update`` stores and its module
+attends). Every state follows the :class:`LayerState` protocol:
+
+- ``length``: positions seen so far (the next input starts there);
+- ``nbytes``: bytes of the tensors it holds;
+- ``observe(tokens, start)``: the model shows each input's token ids to every state
+  before its layers run (states that apply document rules keep them; the rest ignore
+  them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .._util import atomic_path
+from ..ops.lowlevel import head_offsets
+
+
+class LayerState:
+    """Base of the per-layer states (see the module docstring for the protocol)."""
+
+    length: int = 0
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors whose bytes ``nbytes`` counts."""
+        return []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    def observe(self, tokens: Tensor, start: int) -> None:
+        """See the token ids (B, n) of the input at positions start..start+n-1."""
+
+    def check_start(self, start: int) -> None:
+        if start != self.length:
+            raise ValueError(f"cache holds {self.length} positions; got a chunk at {start}")
+
+
+# ---------------------------------------------------------------- key/value caches
+
+
+class KVCache(LayerState):
+    """All keys and values so far, in preallocated buffers (B, H, capacity, D) written
+    by index. Also the per-window cache of a windowed layer (``reset`` at each window)."""
+
+    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, dtype, device):
+        shape = (batch, heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def tensors(self) -> list[Tensor]:
+        return [self.k, self.v]
+
+    def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Store keys/values (B, H, n, D) of positions start..start+n-1 (``start`` must
+        be ``length``); return all stored keys and values (views, (B, H, start+n, D))."""
+        self.check_start(start)
+        end = start + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(
+                f"the cache was made for {self.capacity} positions; position {end - 1} "
+                "does not fit (raise the capacity)"
+            )
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reset(self) -> None:
+        """Forget everything (the buffers are reused)."""
+        self.length = 0
+
+
+class DilatedKVCache(LayerState):
+    """Bounded exact cache of a dilated-attention layer (LongNet).
+
+    A future query of branch b sees only keys of its own segment with its own residue, so
+    per branch and head offset only the current segment's keys of that residue are kept:
+    at most ceil(w_b / r_b) rows, whatever the context length. Buffers (B, H, cap_b, D)
+    per branch; heads with the same offset hold the same rows."""
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        offsets: str,
+        dtype,
+        device,
+    ):
+        self.segment_lengths = list(segment_lengths)
+        self.dilation_rates = list(dilation_rates)
+        self.offsets = [head_offsets(heads, r, offsets) for r in self.dilation_rates]
+        # per branch: {offset: the heads with that offset (index tensor)}
+        self.heads = [
+            {
+                o: torch.tensor([h for h, oh in enumerate(offs) if oh == o], device=device)
+                for o in sorted(set(offs))
+            }
+            for offs in self.offsets
+        ]
+        caps = [math.ceil(w / r) for w, r in zip(self.segment_lengths, self.dilation_rates)]
+        self.k = [torch.zeros(batch, heads, c, head_dim, dtype=dtype, device=device) for c in caps]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.count = [dict.fromkeys(h, 0) for h in self.heads]  # rows held per offset
+        self.segment = [-1] * len(caps)  # the segment each branch's rows belong to
+        self.length = 0
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.k, *self.v]
+
+    def branches(self):
+        """(w_b, r_b) of every branch."""
+        return zip(self.segment_lengths, self.dilation_rates)
+
+    def update(self, k: Tensor, v: Tensor, start: int) -> None:
+        """Store the keys/values (B, H, n, D) of positions start..start+n-1: one position
+        (decoding), or a chunk that starts a segment of every branch (prefill); keep what
+        later queries can see."""
+        self.check_start(start)
+        n = k.shape[2]
+        if n == 1:
+            self._push(k[:, :, 0], v[:, :, 0], start)
+        else:
+            self._fill(k, v, start, start + n)
+        self.length = start + n
+
+    def _push(self, k: Tensor, v: Tensor, t: int) -> None:
+        for b, (w, r) in enumerate(self.branches()):
+            seg = t // w
+            if seg != self.segment[b]:  # a new segment: earlier rows are closed for good
+                self.segment[b] = seg
+                self.count[b] = dict.fromkeys(self.count[b], 0)
+            o = (t - seg * w) % r
+            if o in self.heads[b]:
+                h, c = self.heads[b][o], self.count[b][o]
+                self.k[b][:, h, c] = k[:, h]
+                self.v[b][:, h, c] = v[:, h]
+                self.count[b][o] = c + 1
+
+    def _fill(self, k: Tensor, v: Tensor, start: int, end: int) -> None:
+        for b, (w, r) in enumerate(self.branches()):
+            seg0 = (end // w) * w  # >= start: the chunk starts on every segment boundary
+            self.segment[b] = end // w
+            for o, h in self.heads[b].items():
+                rows = range(seg0 + o - start, end - start, r)  # chunk-relative rows
+                self.count[b][o] = len(rows)
+                if len(rows):
+                    sel = slice(rows.start, rows.stop, r)
+                    self.k[b][:, h, : len(rows)] = k[:, h, sel]
+                    self.v[b][:, h, : len(rows)] = v[:, h, sel]
+
+    def keys(self, b: int, offset: int) -> tuple[Tensor, Tensor]:
+        """Keys/values (B, Hg, c, D) that branch b holds for the heads with ``offset``."""
+        c, h = self.count[b][offset], self.heads[b][offset]
+        return self.k[b][:, :, :c].index_select(1, h), self.v[b][:, :, :c].index_select(1, h)
+
+
+class RoutedKVCache(LayerState):
+    """Decoding state of one causal CoLT5 attention layer: the light heads' last
+    ``window - 1`` keys/values (bounded), and every routed key/value with its position
+    and validity (slots: a chunk adds as many as its busiest row routed)."""
+
+    def __init__(
+        self,
+        batch: int,
+        light_heads: int,
+        heavy_heads: int,
+        head_dim: int,
+        window: int,
+        capacity: int,
+        dtype,
+        device,
+    ):
+        self.window = window
+        self.light_k = torch.zeros(batch, light_heads, 0, head_dim, dtype=dtype, device=device)
+        self.light_v = torch.zeros_like(self.light_k)
+        shape = (batch, heavy_heads, capacity, head_dim)
+        self.heavy_k = torch.zeros(shape, dtype=dtype, device=device)
+        self.heavy_v = torch.zeros(shape, dtype=dtype, device=device)
+        self.heavy_pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.heavy_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.slots = 0
+        self.length = 0
+
+    def tensors(self) -> list[Tensor]:
+        return [
+            self.light_k,
+            self.light_v,
+            self.heavy_k,
+            self.heavy_v,
+            self.heavy_pos,
+            self.heavy_valid,
+        ]
+
+    def light_update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor, int]:
+        """Add the light keys/values (B, Hl, n, D) of positions start..; return the keys
+        and values the chunk's queries can see and the position of the first of them."""
+        self.check_start(start)
+        keys = torch.cat([self.light_k, k], dim=2)
+        vals = torch.cat([self.light_v, v], dim=2)
+        k_start = start - self.light_k.shape[2]
+        first = max(0, keys.shape[2] - (self.window - 1))  # what later queries can see
+        self.light_k = keys[:, :, first:].clone()
+        self.light_v = vals[:, :, first:].clone()
+        self.length = start + k.shape[2]
+        return keys, vals, k_start
+
+    def heavy_update(self, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor):
+        """Store a chunk's routed keys/values (B, Hh, m, D) with positions and validity
+        (B, m); return everything stored: (k, v, positions, valid)."""
+        m = k.shape[2]
+        end = self.slots + m
+        if end > self.heavy_k.shape[2]:
+            raise ValueError(
+                f"the cache was made for {self.heavy_k.shape[2]} positions; it is full "
+                "(raise the capacity)"
+            )
+        self.heavy_k[:, :, self.slots : end] = k
+        self.heavy_v[:, :, self.slots : end] = v
+        self.heavy_pos[:, self.slots : end] = pos
+        self.heavy_valid[:, self.slots : end] = valid
+        self.slots = end
+        return (
+            self.heavy_k[:, :, :end],
+            self.heavy_v[:, :, :end],
+            self.heavy_pos[:, :end],
+            self.heavy_valid[:, :end],
+        )
+
+
+# ---------------------------------------------------------------- memory
+
+
+class MemoryStore:
+    """Per-batch-row first-in-first-out memory of one layer's (key, value) pairs.
+
+    Buffers (B, H, C, D) for keys and values, the absolute position of each entry
+    (B, C), its write order (B, C) and which slots hold an entry (B, C). Each row is a
+    ring buffer: once full, a new entry replaces the oldest. Rows never see each other's
+    entries. The order of slots is irrelevant to attention (a softmax over a set)."""
+
+    def __init__(self, batch: int, heads: int, head_dim: int, capacity: int, dtype, device):
+        if capacity < 1:
+            raise ValueError(f"memory capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        shape = (batch, heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.age = torch.zeros(batch, capacity, dtype=torch.long, device=device)  # write order
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.written = [0] * batch  # entries ever written per row (ring pointer = % C)
+        self.version = 0  # bumped on every change (indexes built over it are rebuilt)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.k, self.v, self.pos, self.age, self.valid))
+
+    def size(self, row: int) -> int:
+        """Entries that row ``row`` holds."""
+        return int(self.valid[row].sum())
+
+    @property
+    def filled(self) -> int:
+        """1 + the last slot that holds an entry in any row (0 when empty): reads may
+        skip the slots after it (rings fill from slot 0, so a young store is short).
+        Read from the data (one host sync per read), so it stays right whatever wrote
+        the slots."""
+        used = self.valid.any(dim=0).nonzero()
+        return int(used[-1]) + 1 if len(used) else 0
+
+    def add(self, k: Tensor, v: Tensor, positions: Tensor, keep: Tensor | None = None) -> None:
+        """Append the entries (B, H, n, D) at ``positions`` (n,) or (B, n); ``keep``
+        (B, n) bool selects which of each row's entries to write (default all). Only the
+        last C written survive (FIFO). All rows are written at once."""
+        B, H, n, D = k.shape
+        if (self.batch, self.k.shape[1], self.k.shape[3]) != (B, H, D):
+            raise ValueError(
+                f"memory holds (B, H, D) = {(self.batch, self.k.shape[1], self.k.shape[3])}, "
+                f"got keys {tuple(k.shape)}"
+            )
+        C = self.capacity
+        pos = positions.expand(B, n) if positions.dim() == 1 else positions
+        kept = torch.ones(B, n, dtype=torch.bool, device=k.device) if keep is None else keep
+        with torch.no_grad():
+            rank = kept.long().cumsum(dim=1) - 1  # (B, n) index among the row's kept
+            count = kept.sum(dim=1)  # (B,)
+            skip = (count - C).clamp(min=0)  # more than C new entries: only the last C
+            write = kept & (rank >= skip.unsqueeze(-1))
+            written = torch.tensor(self.written, device=k.device)
+            order = written.unsqueeze(-1) + rank - skip.unsqueeze(-1)  # (B, n) write order
+            rows, cols = write.nonzero(as_tuple=True)
+            slots = order[rows, cols] % C
+            self.k[rows, :, slots] = k[rows, :, cols].to(self.k.dtype)
+            self.v[rows, :, slots] = v[rows, :, cols].to(self.v.dtype)
+            self.pos[rows, slots] = pos[rows, cols]
+            self.age[rows, slots] = order[rows, cols]
+            self.valid[rows, slots] = True
+            self.written = [w + m for w, m in zip(self.written, (count - skip).tolist())]
+        self.version += 1
+
+    def clear(self, rows=None) -> None:
+        """Forget everything in the given rows (default: all rows)."""
+        rows = range(self.batch) if rows is None else [int(r) for r in rows]
+        for b in rows:
+            self.valid[b] = False
+            self.written[b] = 0
+        self.version += 1
+
+    def entries(self, row: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(k (H, m, D), v, positions (m,)) of a row, oldest first."""
+        slots = self.valid[row].nonzero().flatten()
+        order = slots[self.age[row, slots].argsort()]
+        return self.k[row][:, order], self.v[row][:, order], self.pos[row, order]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Every tensor of the store, for saving."""
+        return {
+            "k": self.k,
+            "v": self.v,
+            "pos": self.pos,
+            "age": self.age,
+            "valid": self.valid,
+            "written": torch.tensor(self.written, dtype=torch.long),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the store to a safetensors file (atomically)."""
+        from safetensors.torch import save_file
+
+        with atomic_path(path) as tmp:
+            save_file({k: t.contiguous().cpu() for k, t in self.state_dict().items()}, str(tmp))
+
+    @classmethod
+    def load(cls, path: str | Path, device="cpu") -> MemoryStore:
+        """A store saved by :meth:`save` (ValueError naming the file if it is not one)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            data = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"cannot read memory file {path}: {exc}") from None
+        missing = {"k", "v", "pos", "age", "valid", "written"} - set(data)
+        if missing:
+            raise ValueError(f"memory file {path} lacks {sorted(missing)}")
+        B, H, C, D = data["k"].shape
+        store = cls(B, H, D, C, data["k"].dtype, device)
+        store.k, store.v = data["k"], data["v"]
+        store.pos, store.age, store.valid = data["pos"], data["age"], data["valid"]
+        store.written = [int(x) for x in data["written"]]
+        return store
+
+
+class MemoryState(LayerState):
+    """State of a memory layer (Focused Transformer): its :class:`MemoryStore`, and the
+    current window: keys as rotated for local attention (``k_rot``), keys as memory
+    stores them (``k_mem``), values, and the window's token ids (for the document rules).
+    A window moves into the store when it completes."""
+
+    def __init__(
+        self,
+        store: MemoryStore,
+        window: int,
+        separator: int,
+        dtype,
+        device,
+    ):
+        B, H, _, D = store.k.shape
+        self.store = store
+        self.window = window
+        self.separator = separator
+        shape = (B, H, window, D)
+        self.k_rot = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_mem = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.tokens = torch.zeros(B, window, dtype=torch.long, device=device)
+        self.held = 0  # positions of the current window in the buffers
+        self.pending: tuple[Tensor, int] | None = None  # the input's ids, from observe
+        self.length = 0
+
+    def tensors(self) -> list[Tensor]:
+        return [self.k_rot, self.k_mem, self.v]
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes + super().nbytes
+
+    def observe(self, tokens: Tensor, start: int) -> None:
+        self.pending = (tokens, start)
+
+    def append(self, k_rot: Tensor, k_mem: Tensor, v: Tensor, tokens: Tensor) -> None:
+        """Add positions to the current window (B, H, n, D) and their ids (B, n)."""
+        a, b = self.held, self.held + k_rot.shape[2]
+        if b > self.window:
+            raise ValueError(f"the window holds {self.window} positions; got {b}")
+        self.k_rot[:, :, a:b], self.k_mem[:, :, a:b], self.v[:, :, a:b] = k_rot, k_mem, v
+        self.tokens[:, a:b] = tokens
+        self.held = b
+
+
+class CrossbatchState(LayerState):
+    """Crossbatch training context of a memory layer (Focused Transformer): the previous
+    window's memory keys and values of every row (with their autograd graph), which the
+    next window's queries read for their own row (positive) and ``negatives`` other
+    rows."""
+
+    def __init__(self, negatives: int):
+        self.negatives = negatives
+        self.previous: tuple[Tensor, Tensor] | None = None
+        self.length = 0
+
+    def tensors(self) -> list[Tensor]:
+        return [] if self.previous is None else list(self.previous)
+
+
+# ---------------------------------------------------------------- the model's state
+
+
+class ModelState:
+    """What a model carries between calls: one state per layer (None for layers that
+    keep nothing), the n-gram embedding's token history (B, n - 1) (None when the model
+    has none), and the position the next input starts at. ``nbytes`` counts the layer
+    states."""
+
+    def __init__(self, layers: list[LayerState | None], history: Tensor | None = None):
+        self.layers = layers
+        self.history = history
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.layers if s is not None)
+
+    def observe(self, tokens: Tensor, start: int) -> None:
+        """Show the input's token ids to every layer state (before the layers run)."""
+        for s in self.layers:
+            if s is not None:
+                s.observe(tokens, start)
+
+
+__all__ = [
+    "CrossbatchState",
+    "DilatedKVCache",
+    "KVCache",
+    "LayerState",
+    "MemoryState",
+    "MemoryStore",
+    "ModelState",
+    "RoutedKVCache",
+]
