@@ -1,4 +1,4 @@
-"""attention, chunked_attention and merge against the naive reference (SPEC section 1)."""
+"""attention, chunked_attention and merge against the naive reference (docs/spec.md, 1)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""dilated_attention (SPEC section 2) and sliding_window_attention against the reference."""
+"""dilated_attention (docs/spec.md, 2) and sliding_window_attention against the reference."""
 
 import pytest
 import torch
@@ -56,7 +56,7 @@ def test_dilated_mixing_gradient_is_exact_gradcheck():
 
 
 def test_multiplicity_mask_definition():
-    # Spot checks of the oracle itself against SPEC section 2, written out by hand.
+    # Spot checks of the oracle itself against docs/spec.md section 2, written out by hand.
     m = ref.dilated_multiplicity(6, 2, [4, 2], [2, 1], causal=False)
     # branch (4, 2): segments [0..3], [4, 5]; head 0 offset 0 -> rows {0, 2}, {4};
     # branch (2, 1): segments {0,1}, {2,3}, {4,5} all heads.

@@ -1,4 +1,4 @@
-"""Memory attention and its store (longctx.nn.memory; SPEC section 4)."""
+"""Memory attention and its store (longctx.nn.memory; docs/spec.md, section 5)."""
 
 import builtins
 import json

@@ -149,6 +149,7 @@ class Progress:
             )
 
     def update(self, n: int = 1, **postfix) -> None:
+        """Count ``n`` more; ``postfix``: the status shown beside the count."""
         self.n += n
         if postfix:
             self.postfix = ", ".join(f"{k}={v}" for k, v in postfix.items())
@@ -164,12 +165,14 @@ class Progress:
         self.update(0, **postfix)
 
     def write(self, message: str) -> None:
+        """Print a message (above the bar on a terminal, to stdout)."""
         if self._bar is not None:
             self._bar.write(message)  # stdout, above the bar
         else:
             print(message, file=sys.stdout, flush=True)
 
     def close(self) -> None:
+        """End the report (a last line when not on a terminal)."""
         if self._bar is not None:
             self._bar.close()
         elif self.enabled and self.n:

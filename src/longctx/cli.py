@@ -275,18 +275,48 @@ def _bench(args) -> int:
     return 0
 
 
+def _import(name: str) -> None:
+    """Import a user module (``--import``); the current directory is searched too."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"--import {name}: {exc}") from None
+
+
 # --------------------------------------------------------------------------- parser
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser. Only the benchmark named in ``argv`` (if any) is imported."""
-    from .config import preset_names
-
     parser = argparse.ArgumentParser(
         prog="longctx", description="Long-context attention: benchmarks and tools."
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a Python module first, e.g. one that registers your own attention "
+        "pattern (repeatable)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _train_parser(sub)
+    _eval_parser(sub)
+    p = sub.add_parser("info", help="a run's config, parameter count and FLOPs per token")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_info)
+    _generate_parser(sub)
+    _bench_parser(sub, argv[1] if argv and len(argv) > 1 and argv[0] == "bench" else None)
+    return parser
+
+
+def _train_parser(sub) -> None:
+    from .config import preset_names
 
     p = sub.add_parser(
         "train",
@@ -330,6 +360,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_train)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run: bits per byte by position and context")
     p.add_argument("run_dir")
     p.add_argument(
@@ -349,11 +381,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("info", help="a run's config, parameter count and FLOPs per token")
-    p.add_argument("run_dir")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_info)
 
+def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a trained run (streamed)")
     p.add_argument("run_dir")
     src = p.add_mutually_exclusive_group(required=True)
@@ -378,12 +407,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--stats", type=Path, help="write per-step latency and cache bytes (JSONL)")
     p.set_defaults(func=_generate)
 
+
+def _bench_parser(sub, wanted: str | None) -> None:
+    """``bench NAME``: every benchmark is listed; only ``wanted`` (or all, when none is
+    named) is imported to declare its options."""
     bench = sub.add_parser("bench", help="benchmarks (time, memory, FLOP/s vs N)")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    wanted = argv[1] if argv and len(argv) > 1 and argv[0] == "bench" else None
     for name, (module_name, help_text) in BENCHES.items():
         if wanted is not None and name != wanted:
-            bench_sub.add_parser(name, help=help_text)  # listed; not imported
+            bench_sub.add_parser(name, help=help_text)
             continue
         module = importlib.import_module(f"longctx.bench.{module_name}")
         p = bench_sub.add_parser(
@@ -394,7 +426,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         )
         module.add_arguments(p)
         p.set_defaults(func=_bench, bench_run=module.run)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        for name in args.imports:
+            _import(name)
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:  # bad input: a clear message, no traceback
         print(f"longctx: error: {exc}", file=sys.stderr)

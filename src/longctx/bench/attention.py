@@ -44,6 +44,8 @@ def _dense_flops(n: int, heads: int, head_dim: int, causal: bool) -> int:
 
 
 def build_methods(chunk_size: int, window: int) -> dict[str, Method]:
+    """The benchmarked methods by name, with their FLOP counts and settings."""
+
     def dilated(ws, rs):
         return Method(
             name="",
@@ -78,6 +80,7 @@ def build_methods(chunk_size: int, window: int) -> dict[str, Method]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``longctx bench attention``."""
     p.add_argument(
         "--quick",
         action="store_true",
@@ -144,6 +147,7 @@ def _check_args(args) -> tuple[list[str], list[bool]]:
 
 
 def run(args) -> list[dict]:
+    """Run the benchmark (module docstring); returns its rows."""
     names, causal_modes = _check_args(args)
     ns = powers_of_two(args.min_n, args.max_n)
     device = torch.device(args.device)
@@ -240,6 +244,7 @@ COLUMNS = [
 
 
 def format_results(rows: list[dict]) -> str:
+    """The result rows as a table."""
     shown = []
     for r in rows:
         s = dict(r)
@@ -297,6 +302,7 @@ def summarize(rows: list[dict], peak: float) -> dict:
 
 
 def plot(rows: list[dict], path: Path, info: dict, peak: float) -> Path:
+    """Time and peak memory vs N, one line per method and causality."""
     r0 = rows[0]
     for r in rows:
         if "peak_mem_bytes" in r:

@@ -39,6 +39,7 @@ COMPONENTS = ("ffn", "attention")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``longctx bench colt5``."""
     p.add_argument("--components", default="ffn,attention", help="ffn, attention or both")
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--d-model", type=int, default=512)
@@ -54,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build(component: str, variant: str, causal: bool, d: int, heads: int) -> nn.Module:
+    """The module of one case: a dense or routed feed-forward or attention."""
     if component == "ffn":
         if variant == "dense":
             return SwiGLU(d, 4 * d)
@@ -140,6 +142,7 @@ def _measure(case, n, row, args, device) -> None:
 
 
 def run(args) -> list[dict]:
+    """Run the benchmark (module docstring); returns its rows."""
     components = [c.strip() for c in args.components.split(",") if c.strip()]
     if not components or any(c not in COMPONENTS for c in components):
         raise ValueError(f"--components must be a subset of {COMPONENTS}, got {args.components!r}")
@@ -219,6 +222,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def plot(rows: list[dict], path: Path, info: dict) -> Path:
+    """Time and FLOPs vs N of the routed and dense layers."""
     r0 = rows[0]
     return common.plot_sweep(
         rows,

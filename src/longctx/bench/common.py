@@ -44,6 +44,7 @@ def _cpu_model() -> str:
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -99,6 +100,7 @@ class PeakMemory:
         return None
 
     def peak(self) -> int:
+        """Peak bytes since the region started (see the class docstring)."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         return peak_rss()
@@ -115,10 +117,12 @@ def _status_kib(field: str) -> int | None:
 
 
 def current_rss() -> int:
+    """The process's resident set size in bytes (0 where unknown)."""
     return _status_kib("VmRSS") or 0
 
 
 def peak_rss() -> int:
+    """The process's peak resident set size in bytes."""
     value = _status_kib("VmHWM")
     if value is not None:
         return value
@@ -128,6 +132,7 @@ def peak_rss() -> int:
 
 
 def available_memory(device: torch.device) -> int:
+    """Bytes a case may still use: free device memory, or available RAM."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
@@ -213,6 +218,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
 
 
 def human_bytes(n: float) -> str:
+    """``n`` bytes as B, KiB, MiB, GiB or TiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

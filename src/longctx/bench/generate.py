@@ -25,6 +25,7 @@ from . import common
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``longctx bench generate``."""
     p.add_argument("--preset", default="longnet-small", help="model architecture preset")
     p.add_argument("--policies", default="full,dilated,none")
     p.add_argument("--min-context", type=int, default=8192)
@@ -36,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> list[dict]:
+    """Run the benchmark (module docstring); returns its rows."""
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in policies if p not in CACHE_POLICIES]
     if bad or not policies:
@@ -130,6 +132,7 @@ COLUMNS = [
 
 
 def summarize(rows: list[dict]) -> dict:
+    """The dilated cache's share of the full cache, and its latency spread."""
     ok = {(r["policy"], r["context"]): r for r in rows if r["status"] == "ok"}
     lines, out = [""], {}
     for n in sorted({r["context"] for r in rows}):

@@ -47,6 +47,7 @@ from . import common
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``longctx bench parallel``."""
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--sweep", choices=["both", "local", "global"], default="both")
     p.add_argument("--local-length", type=int, default=2048, help="n for the local sweep")
@@ -62,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def longnet_branches(n: int) -> tuple[list[int], list[int]]:
+    """LongNet branches for local length n: w = n/4, n/2, n, 2n with rates 1, 2, 4, 8."""
     return [n // 4, n // 2, n, 2 * n], [1, 2, 4, 8]
 
 
@@ -112,6 +114,7 @@ def _formula(strategy, B, H, n, D, world, ws, rs) -> float:
 
 
 def run(args) -> list[dict]:
+    """Run the benchmark (module docstring); returns its rows."""
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if not strategies or any(s not in STRATEGIES for s in strategies):
         raise ValueError(f"--strategies must be a subset of {STRATEGIES}, got {args.strategies!r}")
@@ -193,6 +196,7 @@ COLUMNS = [
 
 
 def summarize(rows: list[dict]) -> dict:
+    """Deviation from the byte formulas, and bytes per rank over each sweep."""
     lines, out = [""], {}
     worst = max((abs(r["formula_error"]) for r in rows if r["bytes_formula"]), default=0.0)
     out["max_formula_error"] = worst
@@ -222,6 +226,7 @@ def _sweep_label(r: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path, info: dict) -> Path:
+    """Bytes per rank and time vs N, one line per strategy and sweep."""
     r0 = rows[0]
     return common.plot_sweep(
         rows,

@@ -36,6 +36,7 @@ PATTERNS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``longctx bench train``."""
     p.add_argument(
         "--patterns",
         default="dense,dilated,sliding",
@@ -60,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> list[dict]:
+    """Run the benchmark (module docstring); returns its rows."""
     names = [p.strip() for p in args.patterns.split(",") if p.strip()]
     unknown = [p for p in names if p not in PATTERNS]
     if unknown or not names:
@@ -167,6 +169,7 @@ COLUMNS = [
 
 
 def summarize(rows: list[dict]) -> dict:
+    """Dilated over dense tokens/s at each context both measured."""
     lines = [""]
     out: dict = {}
     by = {(r["pattern"], r["context"]): r for r in rows if r["status"] == "ok"}
@@ -181,6 +184,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def plot(rows: list[dict], path: Path, info: dict) -> Path:
+    """Tokens/s and peak memory vs context, one line per pattern."""
     r0 = rows[0]
     m = r0["model"]
     return common.plot_sweep(

@@ -119,6 +119,7 @@ def _in_val(name: str, val_percent: float) -> bool:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
+    """Read the corpus ``cfg.source`` names and split it (module docstring)."""
     files, root, description = _resolve(cfg.source)
     docs: list[tuple[str, bytes]] = []
     skipped_binary = []

@@ -24,10 +24,12 @@ class TrainingSource(Protocol):
     baseline: float
     val_batches: list[Batch]
 
-    def batch(self, index: int) -> Batch: ...
+    def batch(self, index: int) -> Batch:
+        """The training batch of ``index``: (inputs, targets)."""
+        ...
 
 
-class CorpusSource:
+class CorpusSource(TrainingSource):
     """Random windows of a text corpus; validation: evenly spread windows of its
     validation split. Baseline: the unigram cross-entropy."""
 
@@ -47,7 +49,7 @@ class CorpusSource:
         return sample_batch(self.corpus.train, self.size, self.context, self.seed, index)
 
 
-class TaskSource:
+class TaskSource(TrainingSource):
     """Synthetic task sequences (:class:`~longctx.data.tasks.TaskData`); the loss is on
     the task's targets only. Baseline: the no-retrieval chance."""
 

@@ -51,6 +51,7 @@ def _check(length: int, depth: float, minimum: int) -> None:
 
 
 def passkey(length: int, depth: float, rng: random.Random) -> Example:
+    """A passkey example (module docstring) of ``length`` tokens."""
     key = f"{rng.randrange(10**4, 10**5)}"
     needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
     question = " What is the pass key? The pass key is "
@@ -73,6 +74,7 @@ def kv_records(n: int, rng: random.Random) -> list[tuple[str, str]]:
 
 
 def kv_retrieval(length: int, depth: float, rng: random.Random) -> Example:
+    """A kv-retrieval example (module docstring) of ``length`` tokens."""
     question_len = 1 + KEY_LEN + 1  # "?abcd="
     _check(length, depth, RECORD_LEN + question_len + VALUE_LEN)
     room = length - question_len - VALUE_LEN
@@ -86,6 +88,7 @@ def kv_retrieval(length: int, depth: float, rng: random.Random) -> Example:
 
 
 def make_example(task: str, length: int, depth: float, rng: random.Random) -> Example:
+    """An example of ``task`` with its needle at ``depth`` (0: start, 1: end)."""
     if task == "passkey":
         return passkey(length, depth, rng)
     if task == "kv-retrieval":

@@ -60,10 +60,12 @@ class SequenceParallel:
 
     @property
     def size(self) -> int:
+        """Ranks in the group."""
         return self.group.size
 
     @property
     def rank(self) -> int:
+        """This process's index in the group."""
         return self.group.rank
 
     def shard(self, x: Tensor, dim: int = 1) -> Tensor:

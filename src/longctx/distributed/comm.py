@@ -59,6 +59,7 @@ class SPGroup:
 
     @property
     def size(self) -> int:
+        """Ranks in the group."""
         return len(self.ranks)
 
     @classmethod
@@ -68,9 +69,11 @@ class SPGroup:
         return cls(dist.group.WORLD, list(range(n)), dist.get_rank())
 
     def count(self, name: str, nbytes: float) -> None:
+        """Record ``nbytes`` sent by the collective ``name``."""
         self.bytes_sent[name] += int(round(nbytes))
 
     def reset_counts(self) -> None:
+        """Forget the byte counts."""
         self.bytes_sent.clear()
 
     def segment_group(self, m: int):
@@ -203,6 +206,7 @@ class PendingExchange:
         sp.count(name, _nbytes(self.send))
 
     def wait(self) -> Tensor:
+        """Finish the exchange; what the previous rank sent."""
         for work in self.works:
             work.wait()
         return self.recv

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -21,6 +21,7 @@ LAYOUTS = ("contiguous", "zigzag")
 
 
 def num_chunks(world: int, layout: str) -> int:
+    """Chunks a sequence is cut into: P (contiguous) or 2P (zigzag)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     return world if layout == "contiguous" else 2 * world

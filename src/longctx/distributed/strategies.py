@@ -1,4 +1,4 @@
-"""Sequence-parallel attention strategies (SPEC section 5).
+"""Sequence-parallel attention strategies (docs/spec.md, section 6).
 
 Each takes this rank's shard of q, k, v (B, H, n, D) in the group's layout and returns
 this rank's shard of the output; forward and dq/dk/dv equal the single-process op.
@@ -58,6 +58,7 @@ STRATEGIES = ("longnet", "ulysses", "ring")
 
 
 def check_ulysses(num_heads: int, world: int) -> None:
+    """ValueError unless the heads split evenly over the ranks."""
     if num_heads < world or num_heads % world:
         raise ValueError(
             f"Ulysses splits heads over ranks: {num_heads} heads cannot be split over {world} "
@@ -76,6 +77,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, sp: SPGroup, kernel: Kern
 
 
 def ulysses_bytes(batch, heads, n, head_dim, world, elem) -> dict[str, float]:
+    """Bytes each rank sends for Ulysses, forward and backward (module docstring)."""
     one = batch * heads * n * head_dim * elem * (world - 1) / world
     return {"forward": 4 * one, "backward": 4 * one}
 
@@ -183,6 +185,7 @@ def ring_attention(
 
 
 def ring_bytes(batch, heads, n, head_dim, world, elem, grad_elem=None) -> dict[str, float]:
+    """Bytes each rank sends for ring attention, forward and backward."""
     grad_elem = grad_elem or max(elem, 4)
     kv = 2 * batch * heads * n * head_dim
     return {
@@ -299,6 +302,7 @@ def longnet_bytes(batch, heads, n, head_dim, world, elem, segment_lengths, dilat
 
 
 def strategy_layout(strategy: str, causal: bool) -> str:
+    """The sharding layout of a strategy: zigzag for causal ring, else contiguous."""
     if strategy not in STRATEGIES:
         raise ValueError(
             f"unknown sequence-parallel strategy {strategy!r}; choose from {STRATEGIES}"

@@ -35,6 +35,7 @@ class ParallelTraining:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0 writes the run directory and prints."""
         return self.rank == 0
 
     def prepare(self, model: nn.Module) -> None:
@@ -77,6 +78,7 @@ class ParallelTraining:
         return bool(t.item() > 0)
 
     def barrier(self) -> None:
+        """Wait for every rank."""
         dist.barrier()
 
     def broadcast(self, values: list) -> list:
@@ -86,6 +88,7 @@ class ParallelTraining:
         return box
 
     def describe(self) -> str:
+        """The setup in one line, for the log."""
         sp = self.sp
         return (
             f"sequence parallel: {sp.size} ranks, strategy {sp.strategy} ({sp.layout} "

@@ -227,6 +227,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        """The size of one attention head."""
         return self.d_model // self.n_heads
 
     @property

@@ -44,6 +44,7 @@ class Generation:
 
     @property
     def tokens_per_s(self) -> float:
+        """Decoded tokens per second (the new tokens' steps)."""
         total = sum(self.step_seconds)
         return len(self.step_seconds) / total if total > 0 else float("nan")
 

@@ -289,6 +289,7 @@ class ConditionalAttention(nn.Module):
 
     @property
     def routers(self) -> dict[str, Router]:
+        """The layer's routers by name (``q``, ``kv``)."""
         return {"q": self.q_router, "kv": self.kv_router}
 
     def new_state(

@@ -1,3 +1,5 @@
+"""RMS normalisation."""
+
 import torch
 from torch import Tensor, nn
 

@@ -245,7 +245,8 @@ def make_pattern(spec: str | dict | Pattern = "dense", where: str = "model.atten
     if kind not in _REGISTRY:
         raise ValueError(
             f"{where} must be one of {pattern_names()} (the registered attention patterns), "
-            f"got {kind!r}"
+            f"got {kind!r}; a pattern of your own must be registered first (in Python: "
+            "import its module; on the command line: longctx --import MODULE ...)"
         )
     return from_dict(_REGISTRY[kind], keys, where)
 

@@ -21,6 +21,7 @@ FAISS_INDEXES = ("flat", "hnsw")
 
 
 def require_faiss():
+    """The faiss module, or an ImportError that names the extra to install."""
     try:
         import faiss  # noqa: F401
     except ImportError:

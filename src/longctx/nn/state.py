@@ -38,12 +38,14 @@ class LayerState:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensors the state holds."""
         return sum(t.nbytes for t in self.tensors())
 
     def observe(self, tokens: Tensor, start: int) -> None:
         """See the token ids (B, n) of the input at positions start..start+n-1."""
 
     def check_start(self, start: int) -> None:
+        """ValueError unless input at ``start`` continues what the state holds."""
         if start != self.length:
             raise ValueError(f"cache holds {self.length} positions; got a chunk at {start}")
 
@@ -63,6 +65,7 @@ class KVCache(LayerState):
 
     @property
     def capacity(self) -> int:
+        """Positions the buffers hold."""
         return self.k.shape[2]
 
     def tensors(self) -> list[Tensor]:
@@ -274,10 +277,12 @@ class MemoryStore:
 
     @property
     def batch(self) -> int:
+        """Batch rows."""
         return self.k.shape[0]
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the store's tensors."""
         return sum(t.nbytes for t in (self.k, self.v, self.pos, self.age, self.valid))
 
     def size(self, row: int) -> int:
@@ -408,6 +413,7 @@ class MemoryState(LayerState):
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the store and the window buffers."""
         return self.store.nbytes + super().nbytes
 
     def observe(self, tokens: Tensor, start: int) -> None:
@@ -454,6 +460,7 @@ class ModelState:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of every layer's state."""
         return sum(s.nbytes for s in self.layers if s is not None)
 
     def observe(self, tokens: Tensor, start: int) -> None:

@@ -71,6 +71,7 @@ class Block:
     fresh: bool = False
 
     def all_tiles(self) -> tuple[Tile, ...]:
+        """The block's tiles (one covering the block when none are given)."""
         return self.tiles if self.tiles is not None else (Tile(0, self.lq, 0, self.lk),)
 
     def _delta(self, tile: Tile) -> int:

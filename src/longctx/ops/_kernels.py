@@ -51,6 +51,7 @@ def _empty_rows(bias: Tensor | None) -> Tensor | None:
 def attn_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
+    """(out, lse) of one tile (module docstring)."""
     B, G, Lq, _ = q.shape
     Lk = k.shape[2]
     if Lk == 0 or Lq == 0:
@@ -93,6 +94,7 @@ def attn_bwd(
     causal: bool,
     bias: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of one tile against the global out and lse (module docstring)."""
     global last_backward_path
     if k.shape[2] == 0 or q.shape[2] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

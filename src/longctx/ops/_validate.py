@@ -10,6 +10,7 @@ from torch import Tensor
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, same_length: bool = False) -> None:
+    """TypeError/ValueError unless q, k, v are (B, H, N, D) tensors that agree."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -40,6 +41,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, same_length: bool = False) -> 
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale: ``scale``, or head_dim ** -0.5 when None."""
     if scale is None:
         return head_dim**-0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -50,12 +52,14 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
 
 
 def positive_int(value: object, name: str) -> int:
+    """``value`` as an int, or ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
 def positive_ints(values: Sequence[int], name: str) -> list[int]:
+    """A non-empty sequence of positive ints, or an error naming ``name``."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a sequence of positive integers, got {values!r}")
     if len(values) == 0:
@@ -64,6 +68,7 @@ def positive_ints(values: Sequence[int], name: str) -> list[int]:
 
 
 def optional_int(value: object, name: str) -> int | None:
+    """None or an int, else TypeError naming ``name``."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):

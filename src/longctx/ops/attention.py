@@ -1,6 +1,7 @@
 """Exact attention with log-sum-exp, the differentiable merge, and chunked attention.
 
-SPEC section 1. Layout (B, H, N, D) like ``torch.nn.functional.scaled_dot_product_attention``.
+docs/spec.md, section 1. Layout (B, H, N, D) like
+``torch.nn.functional.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations

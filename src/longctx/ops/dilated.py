@@ -1,4 +1,5 @@
-"""LongNet dilated attention (Ding et al., arXiv 2307.02486), exactly as SPEC section 2.
+"""LongNet dilated attention (Ding et al., arXiv 2307.02486), exactly as docs/spec.md,
+section 2.
 
 Branch b = (w_b, r_b), w'_b = min(w_b, N). In branch b, head h with offset o_{h,b}, query
 i attends key j iff both lie in the same segment of length w'_b (the last segment may be
@@ -69,6 +70,7 @@ def _count(start: int, stop: int, step: int) -> int:
 def check_branches(
     segment_lengths: Sequence[int], dilation_rates: Sequence[int], offsets: str
 ) -> tuple[list[int], list[int]]:
+    """The branches as lists (w, r), or an error (lengths differ, bad values)."""
     ws = positive_ints(segment_lengths, "segment_lengths")
     rs = positive_ints(dilation_rates, "dilation_rates")
     if len(ws) != len(rs):

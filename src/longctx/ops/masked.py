@@ -30,6 +30,7 @@ TILE_ELEMS = 1 << 22
 
 
 def query_rows_per_tile(batch: int, heads: int, keys: int) -> int:
+    """Query rows per tile so that a tile's scores hold about TILE_ELEMS elements."""
     return max(1, TILE_ELEMS // max(1, batch * heads * keys))
 
 

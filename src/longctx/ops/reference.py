@@ -1,7 +1,7 @@
 """Naive explicit-mask attention: the test oracle.
 
 Every function here builds the full (Nq, Nk) score matrix and an explicit mask straight
-from the definitions in SPEC.md, with plain autograd (no custom Functions, no fused
+from the definitions in docs/spec.md, with plain autograd (no custom Functions, no fused
 kernels). It is O(N^2) in time and memory and meant for float64 checks on small inputs.
 It shares no code with the fast ops beyond the head-offset rule of dilated attention,
 which it re-derives itself.
@@ -54,6 +54,7 @@ def attention(
     scale: float | None = None,
     q_offset: int | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """Naive (causal) attention: (out, lse)."""
     nq, nk = q.shape[2], k.shape[2]
     if causal:
         mask = causal_mask(nq, nk, q_offset, q.device)
@@ -82,7 +83,8 @@ def dilated_multiplicity(
     causal: bool = False,
     offsets: str = "paper",
 ) -> Tensor:
-    """M[h, i, j] = number of branches in which query i attends key j for head h (SPEC 2)."""
+    """M[h, i, j] = number of branches in which query i attends key j for head h
+    (docs/spec.md, section 2)."""
     m = torch.zeros(num_heads, n, n, dtype=torch.int64)
     i = torch.arange(n).unsqueeze(-1)
     j = torch.arange(n).unsqueeze(0)
@@ -115,6 +117,7 @@ def dilated_attention(
     scale: float | None = None,
     offsets: str = "paper",
 ) -> tuple[Tensor, Tensor]:
+    """Naive dilated attention through its multiplicity matrix: (out, lse)."""
     m = dilated_multiplicity(
         q.shape[2], q.shape[1], segment_lengths, dilation_rates, causal=causal, offsets=offsets
     )
@@ -122,6 +125,7 @@ def dilated_attention(
 
 
 def sliding_window_mask(n: int, window: int, *, causal: bool = True) -> Tensor:
+    """(N, N) bool: the keys each query sees in a window of ``window``."""
     i = torch.arange(n).unsqueeze(-1)
     j = torch.arange(n).unsqueeze(0)
     mask = (i - j).abs() < window
@@ -133,5 +137,6 @@ def sliding_window_mask(n: int, window: int, *, causal: bool = True) -> Tensor:
 def sliding_window_attention(
     q: Tensor, k: Tensor, v: Tensor, window: int, *, causal: bool = True, scale=None
 ) -> tuple[Tensor, Tensor]:
+    """Naive sliding-window attention: (out, lse)."""
     mask = sliding_window_mask(q.shape[2], window, causal=causal).to(q.device)
     return masked_attention(q, k, v, mask, scale)

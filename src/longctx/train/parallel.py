@@ -49,7 +49,7 @@ class Parallel(Protocol):
         """Leave the process group (nothing for one process)."""
 
 
-class SingleProcess:
+class SingleProcess(Parallel):
     """Training in this process alone."""
 
     is_main = True
