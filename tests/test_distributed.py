@@ -240,6 +240,7 @@ def _losses(run_dir: Path):
     "strategy,extra",
     [
         ("ring", []),
+        ("ring", ["data.source=task:kv-retrieval", "data.task_window=32"]),  # sparse targets
         (
             "longnet",
             [

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import check_against_reference, make_qkv
-from longctx import cli
+from longctx import cli, ops
 from longctx.model import DecoderLM, ModelConfig, generate, latest_checkpoint, load_model
 from longctx.nn import MultiHeadAttention, Pattern, make_pattern, pattern_names, register_pattern
 from longctx.ops import reference as ref
@@ -233,9 +233,12 @@ def test_a_run_of_0_1_evaluates_generates_and_resumes(tmp_path, capsys):
                          "--set", "train.max_steps=3"]) == 0  # fmt: skip
     config = json.loads((run / "config.json").read_text())
     assert config["format_version"] == 2 and config["model"]["attention"]["kind"] == "dilated"
-    assert json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())[
-        "format_version"
-    ] == 2
+    assert (
+        json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())[
+            "format_version"
+        ]
+        == 2
+    )
     memory = _old_run(tmp_path, "memory")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -329,3 +332,67 @@ def test_the_cli_imports_a_module_that_registers_a_pattern(tmp_path, monkeypatch
     assert cli.main(["--import", "my_patterns", "eval", "run", "--windows", "2"]) == 0
     assert cli.main(["--import", "no_such_module", "info", "run"]) == 2
     assert "--import no_such_module" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- hot path, helpers
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda q, k, v: ops.attention(q, k, v, causal=True, return_lse=True),
+        lambda q, k, v: ops.chunked_attention(q, k, v, causal=True, chunk_size=7),
+        lambda q, k, v: ops.sliding_window_attention(q, k, v, 5),
+        lambda q, k, v: ops.dilated_attention(q, k, v, [4, 8, 16], [1, 2, 4], causal=True),
+        lambda q, k, v: ops.masked_attention(q, k, v, torch.rand(30, 30) < 0.5),
+    ],
+    ids=["dense", "chunked", "sliding", "dilated", "masked"],
+)
+def test_the_attention_hot_path_never_reads_a_tensor_on_the_host(op, monkeypatch):
+    """What the plan runner needs to know (e.g. where a tile writes first) comes from the
+    plan, so forward and backward run without converting a tensor to a Python value."""
+    q, k, v = (t.float().requires_grad_() for t in make_qkv(1, 2, 30, 30, 8))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host sync in the attention hot path")
+
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    out = op(q, k, v)
+    out = out[0] if isinstance(out, tuple) else out
+    out.sum().backward()
+
+
+def test_merge_into_a_fresh_region_equals_the_copy_exactly():
+    from longctx.ops.lowlevel import merge_into
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 3, 5, 4, generator=g)
+    lse = torch.randn(2, 3, 5, generator=g)
+    lse[0, 0, 1] = float("-inf")  # an empty row
+    out[0, 0, 1] = 0.0
+    acc_out, acc_lse = torch.zeros(2, 3, 5, 4), torch.full((2, 3, 5), float("-inf"))
+    merge_into(acc_out, acc_lse, out.clone(), lse.clone(), first=False)
+    assert torch.equal(acc_out, out) and torch.equal(acc_lse, lse)
+    copy_out, copy_lse = torch.zeros(2, 3, 5, 4), torch.full((2, 3, 5), float("-inf"))
+    merge_into(copy_out, copy_lse, out.clone(), lse.clone(), first=True)
+    assert torch.equal(copy_out, acc_out) and torch.equal(copy_lse, acc_lse)
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_log():
+    import io
+
+    from longctx._util import Progress
+
+    log = io.StringIO()
+    with Progress(100, "train", unit="step", interval=0.0, stream=log) as bar:
+        for _ in range(3):
+            bar.update(1, loss="1.0")
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and lines[0].startswith("train: 1/100 step (loss=1.0)")
+    assert len(lines) == 4  # one per update (interval 0) and one at the end
+    quiet = io.StringIO()
+    with Progress(100, "train", stream=quiet) as bar:
+        bar.update(1)  # within the 30 s interval: nothing until the end
+        assert quiet.getvalue() == ""
+    assert quiet.getvalue().count("\n") == 1

@@ -127,6 +127,53 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+class Registry:
+    """The kinds of a config table chosen by its ``kind`` key (attention patterns,
+    feed-forward kinds): dataclasses that subclass ``base``, whose fields are the table's
+    keys, with a class attribute ``kind``. ``hint`` ends the error for an unknown kind."""
+
+    def __init__(self, base: type, default: str, hint: str = ""):
+        self.base, self.default, self.hint = base, default, hint
+        self._kinds: dict[str, type] = {}
+
+    def register(self, cls: type) -> type:
+        """Class decorator: make ``cls`` available by its ``kind`` (a kind registered
+        again is replaced)."""
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise TypeError(f"register needs a subclass of {self.base.__name__}, got {cls!r}")
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls.__name__} must be a dataclass (its fields are its keys)")
+        if not isinstance(getattr(cls, "kind", None), str) or not cls.kind:
+            raise TypeError(f"{cls.__name__} needs a class attribute kind = '<name>'")
+        self._kinds[cls.kind] = cls
+        return cls
+
+    def names(self) -> tuple[str, ...]:
+        """The registered kinds."""
+        return tuple(sorted(self._kinds))
+
+    def get(self, kind: str) -> type:
+        """The class registered as ``kind``."""
+        if kind not in self._kinds:
+            raise ValueError(f"unknown kind {kind!r}; registered: {', '.join(self.names())}")
+        return self._kinds[kind]
+
+    def make(self, spec: Any, where: str) -> Any:
+        """An instance from a kind name, a table ``{"kind": ..., **keys}`` (keys checked
+        against the kind's fields) or an instance (returned as is)."""
+        if isinstance(spec, self.base):
+            return spec
+        if isinstance(spec, str):
+            spec = {"kind": spec}
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where} must be a kind name or a table of keys, got {spec!r}")
+        keys = dict(spec)
+        kind = keys.pop("kind", self.default)
+        if kind not in self._kinds:
+            raise ValueError(f"{where} must be one of {self.names()}, got {kind!r}{self.hint}")
+        return from_dict(self._kinds[kind], keys, where)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``section.key=value`` -> (["section", "key"], value). The value is read as a Python
     or TOML literal where it parses (numbers, true/false, lists), else as a string."""

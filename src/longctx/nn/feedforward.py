@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import from_dict
+from ..config import Registry
 
 
 class SwiGLU(nn.Module):
@@ -43,37 +43,22 @@ class FeedForwardKind:
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
 
-_FFN_KINDS: dict[str, type[FeedForwardKind]] = {}
+FFN_KINDS = Registry(FeedForwardKind, "swiglu")
 
 
 def register_ffn(cls: type[FeedForwardKind]) -> type[FeedForwardKind]:
     """Class decorator: make a feed-forward kind available as ``[model.ffn] kind``."""
-    if not (isinstance(cls, type) and issubclass(cls, FeedForwardKind)):
-        raise TypeError(f"register_ffn needs a subclass of FeedForwardKind, got {cls!r}")
-    if not dataclasses.is_dataclass(cls) or not cls.kind:
-        raise TypeError(f"{cls.__name__} must be a dataclass with a class attribute kind")
-    _FFN_KINDS[cls.kind] = cls
-    return cls
+    return FFN_KINDS.register(cls)
 
 
 def ffn_names() -> tuple[str, ...]:
     """The registered feed-forward kinds."""
-    return tuple(sorted(_FFN_KINDS))
+    return FFN_KINDS.names()
 
 
 def make_ffn(spec: str | dict | FeedForwardKind = "swiglu", where: str = "model.ffn"):
     """A feed-forward kind from its name, a table ``{"kind": ..., **keys}`` or itself."""
-    if isinstance(spec, FeedForwardKind):
-        return spec
-    if isinstance(spec, str):
-        spec = {"kind": spec}
-    if not isinstance(spec, dict):
-        raise ValueError(f"{where} must be a kind name or a table of keys, got {spec!r}")
-    keys = dict(spec)
-    kind = keys.pop("kind", "swiglu")
-    if kind not in _FFN_KINDS:
-        raise ValueError(f"{where} must be one of {ffn_names()}, got {kind!r}")
-    return from_dict(_FFN_KINDS[kind], keys, where)
+    return FFN_KINDS.make(spec, where)
 
 
 @register_ffn
@@ -87,4 +72,12 @@ class SwiGLUFFN(FeedForwardKind):
         return SwiGLU(dim, hidden)
 
 
-__all__ = ["FeedForwardKind", "SwiGLU", "SwiGLUFFN", "ffn_names", "make_ffn", "register_ffn"]
+__all__ = [
+    "FFN_KINDS",
+    "FeedForwardKind",
+    "SwiGLU",
+    "SwiGLUFFN",
+    "ffn_names",
+    "make_ffn",
+    "register_ffn",
+]

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..config import from_dict
+from ..config import Registry
 from ..ops.lowlevel import (
     check_branches,
     head_offsets,
@@ -200,55 +200,35 @@ def masked_pattern_attention(
 
 # -------------------------------------------------------------------- the registry
 
-_REGISTRY: dict[str, type[Pattern]] = {}
+PATTERNS = Registry(
+    Pattern,
+    "dense",
+    "; a pattern of your own must be registered first (in Python: import its module; on "
+    "the command line: longctx --import MODULE ...)",
+)
 
 
 def register_pattern(cls: type[Pattern]) -> type[Pattern]:
     """Class decorator: make a :class:`Pattern` dataclass available by its ``kind``
     (``[model.attention] kind = ...``, ``--set model.attention=...``). Registering a
     kind again replaces the earlier class."""
-    if not (isinstance(cls, type) and issubclass(cls, Pattern)):
-        raise TypeError(f"register_pattern needs a subclass of Pattern, got {cls!r}")
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"pattern {cls.__name__} must be a dataclass (its fields are its keys)")
-    if not isinstance(cls.kind, str) or not cls.kind:
-        raise TypeError(f"pattern {cls.__name__} needs a class attribute kind = '<name>'")
-    _REGISTRY[cls.kind] = cls
-    return cls
+    return PATTERNS.register(cls)
 
 
 def pattern_names() -> tuple[str, ...]:
     """The registered pattern kinds."""
-    return tuple(sorted(_REGISTRY))
+    return PATTERNS.names()
 
 
 def pattern_class(kind: str) -> type[Pattern]:
     """The pattern class registered as ``kind``."""
-    if kind not in _REGISTRY:
-        raise ValueError(
-            f"unknown attention pattern {kind!r}; registered: {', '.join(pattern_names())}"
-        )
-    return _REGISTRY[kind]
+    return PATTERNS.get(kind)
 
 
 def make_pattern(spec: str | dict | Pattern = "dense", where: str = "model.attention") -> Pattern:
     """A pattern from a kind name, a table ``{"kind": ..., **keys}`` or a pattern
     (returned as is). Keys are checked against the pattern's fields."""
-    if isinstance(spec, Pattern):
-        return spec
-    if isinstance(spec, str):
-        spec = {"kind": spec}
-    if not isinstance(spec, dict):
-        raise ValueError(f"{where} must be a pattern name or a table of keys, got {spec!r}")
-    keys = dict(spec)
-    kind = keys.pop("kind", "dense")
-    if kind not in _REGISTRY:
-        raise ValueError(
-            f"{where} must be one of {pattern_names()} (the registered attention patterns), "
-            f"got {kind!r}; a pattern of your own must be registered first (in Python: "
-            "import its module; on the command line: longctx --import MODULE ...)"
-        )
-    return from_dict(_REGISTRY[kind], keys, where)
+    return PATTERNS.make(spec, where)
 
 
 def make_kernel(kind: str = "dense", **options) -> Kernel:
@@ -449,6 +429,7 @@ class SlidingWindow(Pattern):
 
 __all__ = [
     "CACHE_POLICIES",
+    "PATTERNS",
     "Dense",
     "Dilated",
     "Kernel",
