@@ -134,17 +134,12 @@ def generate(
     note = "" if state is None else model.cache_note(cache)
     result = Generation(tokens=[], batch=prompt.new_zeros(B, 0), note=note)
     stops = [list(s) for s in stop if len(s)]
-    seq = prompt  # all tokens so far (what a stateless step recomputes)
-
-    def step(new: Tensor) -> Tensor:
-        """The logits (B, V) after the tokens ``new``, continuing the state."""
-        inputs = seq if state is None else new
-        return model(inputs, state, last_only=True)[:, -1]
+    seq = prompt  # all tokens so far: what a step without a state recomputes
 
     t0 = time.perf_counter()
     chunk = n if state is None else prefill_chunk(model, prefill)
     for a in range(0, n, chunk):
-        logits = step(prompt[:, a : a + chunk])
+        logits = model(prompt[:, a : a + chunk], state, last_only=True)[:, -1]  # (B, V)
     result.prefill_seconds = time.perf_counter() - t0
 
     new: list[Tensor] = []
@@ -159,8 +154,10 @@ def generate(
             on_token(int(nxt[0]))
         done = any(result.tokens[-len(s) :] == s for s in stops if len(result.tokens) >= len(s))
         if i + 1 < max_new_tokens and not done:
-            seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1) if state is None else seq
-            logits = step(nxt.unsqueeze(1))
+            if state is None:
+                seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+            inputs = seq if state is None else nxt.unsqueeze(1)  # (B, N) or (B, 1)
+            logits = model(inputs, state, last_only=True)[:, -1]
         result.step_seconds.append(time.perf_counter() - t)
         result.cache_bytes.append(0 if state is None else state.nbytes)
         if done:

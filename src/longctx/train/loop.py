@@ -32,7 +32,6 @@ from ..model.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from ..model.lm import LossTerms
 from .config import RunConfig
 from .optim import build_optimizer, load_optimizer, lr_at, optimizer_tensors
 from .parallel import Parallel, SingleProcess
@@ -147,11 +146,18 @@ class Trainer:
         lr = lr_at(self.step, tc)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        negatives = tc.crossbatch.at(self.step)
+        negatives = tc.crossbatch.at(self.step)  # memory models: crossbatch (None: off)
         loss, aux = 0.0, None
         for micro in range(tc.grad_accum):
             x, y = self.source.batch(self.par.batch_index(self.step, micro, tc.grad_accum))
-            terms = self.loss_terms(x, y, negatives)
+            x, y, positions, normalizer = self.par.shard(x, y)  # this process's part
+            state = (
+                None if negatives is None else self.model.new_state(len(x), crossbatch=negatives)
+            )
+            with self.autocast:  # every term of the objective, in one function
+                terms = self.model.loss_terms(
+                    x, y, state=state, positions=positions, normalizer=normalizer
+                )
             (terms.total / tc.grad_accum).backward()
             loss += float(terms.lm.detach()) / tc.grad_accum
             if terms.router_aux is not None:
@@ -170,18 +176,6 @@ class Trainer:
         self.step += 1
         self.tokens += self.tokens_per_step
         return StepStats(loss, aux, lr, grad_norm, negatives)
-
-    def loss_terms(self, x, y, negatives: int | None) -> LossTerms:
-        """This process's loss terms for a batch (its shard, under crossbatch when
-        ``negatives`` is set), through the model's one objective function."""
-        xl, yl, positions, normalizer = self.par.shard(x, y)
-        state = None
-        if negatives is not None:
-            state = self.model.new_state(xl.shape[0], crossbatch=negatives)
-        with self.autocast:
-            return self.model.loss_terms(
-                xl, yl, state=state, positions=positions, normalizer=normalizer
-            )
 
     def evaluate(self) -> float:
         """Validation loss in the source's unit (bits per byte, or per target token)."""
