@@ -390,7 +390,7 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_log():
             bar.update(1, loss="1.0")
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and lines[0].startswith("train: 1/100 step (loss=1.0)")
-    assert len(lines) == 4  # one per update (interval 0) and one at the end
+    assert len(lines) == 3  # one per update (interval 0); the end repeats none
     quiet = io.StringIO()
     with Progress(100, "train", stream=quiet) as bar:
         bar.update(1)  # within the 30 s interval: nothing until the end

@@ -139,6 +139,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.postfix = ""
         self._bar = None
+        self._printed = -1  # the count of the last line printed (no repeat at the end)
         self._last = time.monotonic()
         self._start = self._last
         if enabled and _is_tty(self.stream):
@@ -175,12 +176,12 @@ class Progress:
         """End the report (a last line when not on a terminal)."""
         if self._bar is not None:
             self._bar.close()
-        elif self.enabled and self.n:
+        elif self.enabled and self.n and self.n != self._printed:
             self._line()
         self.enabled = False
 
     def _line(self) -> None:
-        self._last = time.monotonic()
+        self._last, self._printed = time.monotonic(), self.n
         total = f"/{self.total}" if self.total else ""
         extra = f" ({self.postfix})" if self.postfix else ""
         elapsed = self._last - self._start

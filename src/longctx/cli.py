@@ -66,7 +66,7 @@ def _train(args) -> int:
         return 130 if result.stopped_by == "interrupt" else 0
     rc = _report(result, run_dir)
     if rc == 0 and not args.no_eval:
-        _after_training_eval(run_dir, cfg=cfg)
+        _after_training_eval(run_dir, cfg=cfg, model=result.model, corpus=result.corpus)
     return rc
 
 
@@ -133,9 +133,12 @@ def _report(result, run_dir: Path) -> int:
     return 0
 
 
-def _after_training_eval(run_dir: Path, trials: int = 20, cfg=None) -> None:
+def _after_training_eval(
+    run_dir: Path, trials: int = 20, cfg=None, model=None, corpus=None
+) -> None:
     """Bits per byte on the corpus; for a run trained on a synthetic task, a short
-    retrieval evaluation of that task (the full sweep is ``longctx eval --task``)."""
+    retrieval evaluation of that task (the full sweep is ``longctx eval --task``).
+    ``cfg``, ``model``, ``corpus``: the run's, when already in memory."""
     from .data import task_source
     from .evaluate import evaluate_run
 
@@ -145,7 +148,7 @@ def _after_training_eval(run_dir: Path, trials: int = 20, cfg=None) -> None:
         cfg = load_run_config(Path(run_dir))
     task = task_source(cfg.data.source)
     if task is None:
-        _print_eval(evaluate_run(run_dir))
+        _print_eval(evaluate_run(run_dir, model=model, corpus=corpus))
         return
     ctx = cfg.train.context
     _retrieval(Path(run_dir), task, [ctx, 8 * ctx], [0.0, 0.5, 1.0], trials, seed=0)

@@ -21,7 +21,7 @@ may override any method with a faster one::
     @register_pattern
     @dataclass
     class Strided(Pattern):
-        kind = "strided"
+        kind: ClassVar[str] = "strided"
         stride: int = 4
 
         def mask(self, q_pos, k_pos):  # (n,) and (m,) positions -> (n, m) visible
@@ -117,11 +117,12 @@ class Pattern:
 
     def cache_note(self, policy: str) -> str:
         """Why a cache policy is not honoured as asked (empty when it is)."""
-        if policy == "dilated":
-            return f"cache='dilated' on a model with {self.kind!r} attention: no layer is " + (
-                "dilated, so every layer uses the full cache"
-            )
-        return ""
+        if policy != "dilated":
+            return ""
+        return (
+            f"cache='dilated' on a model with {self.kind!r} attention: no layer is dilated, "
+            "so every layer uses the full cache"
+        )
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState) -> Tensor:
         """Queries, keys, values (B, H, n, D) of positions state.length.. (prefill chunk or

@@ -55,6 +55,8 @@ class TrainResult:
     checkpoint: Path
     unit: str = "bits/byte"  # of val_bpb and unigram_bpb ("bits/target token" for tasks)
     baseline: str = "unigram baseline"  # what unigram_bpb is ("no-retrieval chance" for tasks)
+    model: DecoderLM | None = None  # the trained model (as in ``checkpoint``)
+    corpus: Corpus | None = None  # the text it trained on (None for a task source)
 
 
 @dataclass
@@ -151,9 +153,9 @@ class Trainer:
         for micro in range(tc.grad_accum):
             x, y = self.source.batch(self.par.batch_index(self.step, micro, tc.grad_accum))
             x, y, positions, normalizer = self.par.shard(x, y)  # this process's part
-            state = (
-                None if negatives is None else self.model.new_state(len(x), crossbatch=negatives)
-            )
+            state = None  # crossbatch: memory layers also read other rows' last windows
+            if negatives is not None:
+                state = self.model.new_state(len(x), crossbatch=negatives)
             with self.autocast:  # every term of the objective, in one function
                 terms = self.model.loss_terms(
                     x, y, state=state, positions=positions, normalizer=normalizer
@@ -239,6 +241,8 @@ class Trainer:
             checkpoint=ckpt,
             unit=self.source.unit,
             baseline=self.source.baseline_name,
+            model=self.model,
+            corpus=getattr(self.source, "corpus", None),
         )
 
     def _log(self, stats: StepStats, bar: Progress) -> None:
