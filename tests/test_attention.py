@@ -49,7 +49,8 @@ def test_attention_explicit_query_offset(q_offset):
 
 @pytest.mark.parametrize("lse_grad", [False, True])
 def test_both_backward_paths_are_exercised_and_exact(lse_grad):
-    # Without a gradient on lse the CPU fused backward runs; with one, the blockwise one.
+    # Without a gradient on lse the CPU fused backward runs; with one, the same fused
+    # backward with the lse gradient folded into one more head column.
     q, k, v = make_qkv(2, 2, 21, 21, 8)
     _check(
         lambda q, k, v: ops.attention(q, k, v, causal=True, return_lse=True),
@@ -60,7 +61,30 @@ def test_both_backward_paths_are_exercised_and_exact(lse_grad):
         torch.float64,
         with_lse_grad=lse_grad,
     )
-    assert _kernels.last_backward_path == ("manual" if lse_grad else "fused")
+    assert _kernels.last_backward_path == ("folded" if lse_grad else "fused")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dv", [8, 5, 13])
+def test_the_lse_gradient_fold_equals_the_blockwise_backward(causal, dv):
+    """V' = [V, 0], O' = [O, 1], dO' = [dO, -dlse] through the fused CPU backward gives
+    the blockwise backward's dq, dk, dv exactly (float64), with empty rows, a mask, and
+    a value head size unlike the query's."""
+    q, k, v = make_qkv(2, 3, 40, 33, 8, dv=dv)
+    bias = torch.zeros(40, 33, dtype=torch.float64)
+    bias[3, :] = float("-inf")  # an empty row
+    bias[5, 10:] = float("-inf")
+    g = torch.Generator().manual_seed(1)
+    for b in (None, bias):
+        out, lse = _kernels._manual_fwd(q, k, v, 0.3, causal, b)
+        dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+        for grad_lse in (dlse, None):
+            folded = _kernels._folded_bwd(q, k, v, out, lse, dout, grad_lse, 0.3, causal, b)
+            manual = _kernels._manual_bwd(q, k, v, out, lse, dout, grad_lse, 0.3, causal, b)
+            for a, want in zip(folded, manual, strict=True):
+                assert a.shape == want.shape and torch.isfinite(a).all()
+                torch.testing.assert_close(a, want, atol=1e-12, rtol=1e-12)
 
 
 def test_manual_kernels_match_fused():

@@ -63,13 +63,15 @@ def test_masked_attention_matches_reference(dtype, mask_shape):
     )
 
 
+@pytest.mark.parametrize("mask_shape", [(2, 1, 9, 11), (2, 1, 1, 11), (9, 1)])
 @pytest.mark.parametrize("q_offset", [None, 0, 3, -2])
-def test_masked_attention_causal_and_tiled(monkeypatch, q_offset):
+def test_masked_attention_causal_and_tiled(monkeypatch, q_offset, mask_shape):
     import longctx.ops.masked as masked
 
     monkeypatch.setattr(masked, "TILE_ELEMS", 2 * 3 * 11 * 2)  # two query rows per tile
     q, k, v = make_qkv(2, 3, 9, 11, 8)
-    mask = _random_mask((2, 1, 9, 11), 2, p=0.8)
+    # broadcast axes (key padding (B, 1, 1, Nk), a query mask (Nq, 1)) stay whole per tile
+    mask = _random_mask(mask_shape, 2, p=0.8)
     want_mask = mask & reference.causal_mask(9, 11, q_offset)
     check_against_reference(
         lambda q, k, v: ops.masked_attention(

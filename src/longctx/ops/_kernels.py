@@ -15,9 +15,12 @@ lse = -inf.
 other blocks), so that the gradient of a merged attention is the sum of per-block
 gradients (the flash-attention backward with delta = rowsum(dout * out) - dlse).
 
-CPU uses PyTorch's fused flash kernel (forward, and backward when no gradient reaches lse);
-CUDA uses the fused memory-efficient kernel for the forward when no bias is needed; any
-other case uses an exact blockwise implementation in plain PyTorch (``_manual_*``).
+CPU uses PyTorch's fused flash kernel, forward and backward; a gradient on lse (and a
+value head size unlike the query's) is folded into the fused backward exactly
+(``_folded_bwd``). CUDA uses the fused memory-efficient kernel for the forward when no
+bias is needed; any other case uses an exact blockwise implementation in plain PyTorch
+(``_manual_*``). ``last_backward_path`` names the backward that ran last ("fused",
+"folded" or "manual").
 """
 
 from __future__ import annotations
@@ -98,26 +101,66 @@ def attn_bwd(
     global last_backward_path
     if k.shape[2] == 0 or q.shape[2] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    fused_ok = q.device.type == "cpu" and q.dtype in _FUSED_CPU_DTYPES
-    if dlse is None and fused_ok and v.shape[-1] == q.shape[-1]:
+    if not (q.device.type == "cpu" and q.dtype in _FUSED_CPU_DTYPES):
+        last_backward_path = "manual"
+        return _manual_bwd(q, k, v, out, lse, dout, dlse, scale, causal, bias)
+    if dlse is None and v.shape[-1] == q.shape[-1]:
         last_backward_path = "fused"
-        # A row that sees no key at all has lse = -inf; +inf makes its probabilities 0.
-        lse_b = lse.masked_fill(torch.isneginf(lse), float("inf")).contiguous()
-        dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.to(q.dtype).contiguous(),
-            q,
-            k,
-            v,
-            out.to(q.dtype).contiguous(),
-            lse_b,
-            0.0,
-            causal,
-            attn_mask=bias,
-            scale=scale,
-        )
-        return dq, dk, dv
-    last_backward_path = "manual"
-    return _manual_bwd(q, k, v, out, lse, dout, dlse, scale, causal, bias)
+        return _fused_cpu_bwd(q, k, v, out, lse, dout, scale, causal, bias)
+    last_backward_path = "folded"
+    return _folded_bwd(q, k, v, out, lse, dout, dlse, scale, causal, bias)
+
+
+def _fused_cpu_bwd(q, k, v, out, lse, dout, scale, causal, bias):
+    """PyTorch's fused CPU flash backward against the global (out, lse)."""
+    # A row that sees no key at all has lse = -inf; +inf makes its probabilities 0.
+    lse_b = lse.masked_fill(torch.isneginf(lse), float("inf")).contiguous()
+    return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.to(q.dtype).contiguous(),
+        q,
+        k,
+        v,
+        out.to(q.dtype).contiguous(),
+        lse_b,
+        0.0,
+        causal,
+        attn_mask=bias,
+        scale=scale,
+    )
+
+
+def _folded_bwd(q, k, v, out, lse, dout, dlse, scale, causal, bias):
+    """The fused backward with a gradient on lse folded in exactly (and head sizes of q
+    and v that differ).
+
+    The backward of softmax attention is dS = P * (dP - delta) with
+    delta = rowsum(dO * O) - dlse, and the fused kernel computes delta from the (dO, O)
+    it is given. One more head column carries dlse: V' = [V, 0], O' = [O, 1],
+    dO' = [dO, -dlse], and q, k get zero columns (scores unchanged); every tensor is
+    padded to one head size, a multiple of 8. The gradients are sliced back."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    width = max(D, Dv + (dlse is not None))
+    width = -(-width // 8) * 8
+
+    def padded(t: Tensor, column: Tensor | float | None = None) -> Tensor:
+        extra = t.new_zeros(*t.shape[:-1], width - t.shape[-1])
+        if column is not None:
+            extra[..., 0] = column
+        return torch.cat([t, extra], dim=-1)  # (..., width)
+
+    fold = dlse is not None
+    dq, dk, dv = _fused_cpu_bwd(
+        padded(q),
+        padded(k),
+        padded(v),
+        padded(out.to(q.dtype), 1.0 if fold else None),
+        lse,
+        padded(dout.to(q.dtype), -dlse.to(q.dtype) if fold else None),
+        scale,
+        causal,
+        bias,
+    )
+    return dq[..., :D], dk[..., :D], dv[..., :Dv]
 
 
 def _block_scores(

@@ -105,7 +105,10 @@ def masked_attention(
     off = causal_query_offset(nq, nk, q_offset) if causal else 0
 
     def mask_fn(q0: int, q1: int, k0: int, k1: int) -> Tensor:
-        part = m[..., q0:q1, k0:k1]
+        # a broadcast (size-1) query or key axis is kept whole, not sliced to nothing
+        rows = slice(q0, q1) if m.shape[-2] > 1 else slice(None)
+        cols = slice(k0, k1) if m.shape[-1] > 1 else slice(None)
+        part = m[..., rows, cols]
         if causal:
             i = torch.arange(q0, q1, device=q.device).unsqueeze(-1)
             j = torch.arange(k0, k1, device=q.device)
