@@ -25,6 +25,47 @@ def nats_to_bits(nats: float) -> float:
     return nats / LN2
 
 
+# ------------------------------------------------------------------------- devices
+
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
+
+
+def resolve_device(spec=None):
+    """A ``torch.device`` from ``auto`` (CUDA when available, else the CPU; under
+    torchrun, this process's ``LOCAL_RANK`` GPU), ``cpu``, ``cuda`` or ``cuda:N``. A CUDA
+    device that is not there is a clear error. None means auto."""
+    import torch
+
+    spec = "auto" if spec is None else spec
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    if not isinstance(spec, str):
+        raise ValueError(f"--device must be {DEVICE_HELP}, got {spec!r}")
+    local = os.environ.get("LOCAL_RANK")
+    if spec == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        spec = "cuda" if local is None else f"cuda:{int(local) % torch.cuda.device_count()}"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {spec}: no CUDA device is available here "
+                "(torch.cuda.is_available() is False); use --device cpu or auto"
+            )
+        if spec == "cuda" and local is not None:  # one GPU per torchrun process
+            spec = f"cuda:{int(local) % torch.cuda.device_count()}"
+        device = torch.device(spec)
+        index = 0 if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+        return device
+    raise ValueError(f"--device must be {DEVICE_HELP}, got {spec!r}")
+
+
 # ------------------------------------------------------------------------- files
 
 

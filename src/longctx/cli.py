@@ -48,7 +48,12 @@ def _train(args) -> int:
             if parallel.describe():
                 print(parallel.describe())
         result = train(
-            cfg, run_dir, resume=args.resume, checkpoint=args.checkpoint, parallel=parallel
+            cfg,
+            run_dir,
+            resume=args.resume,
+            checkpoint=args.checkpoint,
+            parallel=parallel,
+            device=getattr(parallel, "device", args.device),
         )
     except RuntimeError as exc:  # gloo/NCCL report a lost peer or a timeout this way
         if isinstance(parallel, SingleProcess):
@@ -66,7 +71,9 @@ def _train(args) -> int:
         return 130 if result.stopped_by == "interrupt" else 0
     rc = _report(result, run_dir)
     if rc == 0 and not args.no_eval:
-        _after_training_eval(run_dir, cfg=cfg, model=result.model, corpus=result.corpus)
+        _after_training_eval(
+            run_dir, cfg=cfg, model=result.model, corpus=result.corpus, device=args.device
+        )
     return rc
 
 
@@ -85,6 +92,7 @@ def _parallel(args, cfg):
         cfg.model,
         cfg.train.context,
         timeout_s=args.sp_timeout,
+        device=args.device,
     )
 
 
@@ -134,7 +142,7 @@ def _report(result, run_dir: Path) -> int:
 
 
 def _after_training_eval(
-    run_dir: Path, trials: int = 20, cfg=None, model=None, corpus=None
+    run_dir: Path, trials: int = 20, cfg=None, model=None, corpus=None, device=None
 ) -> None:
     """Bits per byte on the corpus; for a run trained on a synthetic task, a short
     retrieval evaluation of that task (the full sweep is ``longctx eval --task``).
@@ -148,10 +156,10 @@ def _after_training_eval(
         cfg = load_run_config(Path(run_dir))
     task = task_source(cfg.data.source)
     if task is None:
-        _print_eval(evaluate_run(run_dir, model=model, corpus=corpus))
+        _print_eval(evaluate_run(run_dir, model=model, corpus=corpus, device=device))
         return
     ctx = cfg.train.context
-    _retrieval(Path(run_dir), task, [ctx, 8 * ctx], [0.0, 0.5, 1.0], trials, seed=0)
+    _retrieval(Path(run_dir), task, [ctx, 8 * ctx], [0.0, 0.5, 1.0], trials, 0, device)
 
 
 # --------------------------------------------------------------------------- eval, info
@@ -164,10 +172,14 @@ def _eval(args) -> int:
     if args.task != "bpb":
         lengths = parse_numbers(args.lengths, int, "--lengths")
         depths = parse_numbers(args.depths, float, "--depths")
-        _retrieval(Path(args.run_dir), args.task, lengths, depths, args.trials, args.seed)
+        run_dir = Path(args.run_dir)
+        _retrieval(run_dir, args.task, lengths, depths, args.trials, args.seed, args.device)
         return 0
     contexts = parse_numbers(args.contexts, int, "--contexts") if args.contexts else None
-    _print_eval(evaluate_run(Path(args.run_dir), contexts=contexts, windows=args.windows))
+    res = evaluate_run(
+        Path(args.run_dir), contexts=contexts, windows=args.windows, device=args.device
+    )
+    _print_eval(res)
     return 0
 
 
@@ -192,12 +204,13 @@ def _print_eval(res: dict) -> None:
         print(f"  plot: {p}")
 
 
-def _retrieval(run_dir: Path, task: str, lengths, depths, trials: int, seed: int) -> None:
+def _retrieval(run_dir: Path, task: str, lengths, depths, trials: int, seed: int, device):
+    from ._util import resolve_device
     from .evaluate.retrieval import evaluate_retrieval, write_results
     from .model import latest_checkpoint, load_model
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
-    model, _ = load_model(ckpt)
+    model, _ = load_model(ckpt, resolve_device(device))
     result = evaluate_retrieval(model, task, lengths, depths, trials, seed=seed)
     result["checkpoint"] = str(ckpt)
     js, png = write_results(result, run_dir / "eval", f"{task}: {run_dir.name}")
@@ -260,6 +273,7 @@ def _generate(args) -> int:
         stop_at_eod=not args.no_stop_at_eod,
         checkpoint=args.checkpoint,
         stats_path=args.stats,
+        device=args.device,
     )
     n = len(result.tokens)
     cache_mib = (result.cache_bytes[-1] / 2**20) if result.cache_bytes else 0.0
@@ -361,6 +375,7 @@ def _train_parser(sub) -> None:
         default=120.0,
         help="seconds a rank waits for the others before failing with an error",
     )
+    _device_option(p)
     p.set_defaults(func=_train)
 
 
@@ -382,6 +397,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="retrieval: needle depths")
     p.add_argument("--trials", type=int, default=20, help="retrieval: trials per cell")
     p.add_argument("--seed", type=int, default=0)
+    _device_option(p)
     p.set_defaults(func=_eval)
 
 
@@ -408,7 +424,14 @@ def _generate_parser(sub) -> None:
     )
     p.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default latest)")
     p.add_argument("--stats", type=Path, help="write per-step latency and cache bytes (JSONL)")
+    _device_option(p)
     p.set_defaults(func=_generate)
+
+
+def _device_option(p) -> None:
+    from ._util import DEVICE_HELP
+
+    p.add_argument("--device", default="auto", help=f"where to run: {DEVICE_HELP}")
 
 
 def _bench_parser(sub, wanted: str | None) -> None:

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from ._util import resolve_device
 from .data import EOD, encode
 from .model import Generation, generate, latest_checkpoint, load_model
 
@@ -27,10 +28,12 @@ def generate_text(
     checkpoint: Path | None = None,
     stream=None,
     stats_path: Path | None = None,
+    device=None,
 ) -> Generation:
-    """Generate from a trained run, writing the text to ``stream`` as it is produced."""
+    """Generate from a trained run, writing the text to ``stream`` as it is produced
+    (``device``: auto, cpu, cuda or cuda:N)."""
     ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(Path(run_dir) / "checkpoints")
-    model, _ = load_model(ckpt)
+    model, _ = load_model(ckpt, resolve_device(device))
     ids = encode(prompt).tolist()
     if not ids:
         raise ValueError("the prompt is empty; give some text with --prompt or --prompt-file")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .._util import powers_of_two
+from .._util import powers_of_two, resolve_device
 from . import common
 
 PAPER_SEGMENTS = [2048, 4096, 8192, 16384, 32768]
@@ -100,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32"
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_device_option(p)
     p.add_argument(
         "--budget",
         type=float,
@@ -150,7 +150,7 @@ def run(args) -> list[dict]:
     """Run the benchmark (module docstring); returns its rows."""
     names, causal_modes = _check_args(args)
     ns = powers_of_two(args.min_n, args.max_n)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     methods = build_methods(args.chunk_size, args.window)
     out_dir: Path = args.out

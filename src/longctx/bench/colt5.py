@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._util import powers_of_two
+from .._util import powers_of_two, resolve_device
 from ..nn import MultiHeadAttention, SwiGLU
 from ..nn.colt5 import (
     ConditionalAttention,
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=60.0, help="skip cases predicted slower")
     p.add_argument("--min-time", type=float, default=0.5, help="repeat fast cases (median)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_device_option(p)
     p.add_argument("--out", type=Path, default=Path("bench-out/colt5"))
 
 
@@ -152,7 +152,7 @@ def run(args) -> list[dict]:
     if args.d_model % args.heads or args.heads < 2:
         raise ValueError("--d-model must be a multiple of --heads, and --heads >= 2")
     ns = powers_of_two(args.min_n, args.max_n, minimum=16)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     causal_modes = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     cases = [
         (c, variant, causal)

@@ -43,6 +43,13 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def add_device_option(p) -> None:
+    """The ``--device`` option every benchmark takes."""
+    from .._util import DEVICE_HELP
+
+    p.add_argument("--device", default="auto", help=f"where to run: {DEVICE_HELP}")
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA); nothing on CPU."""
     if device.type == "cuda":

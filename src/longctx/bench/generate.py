@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .._util import powers_of_two
+from .._util import powers_of_two, resolve_device
 from ..config import load_preset
 from ..model import DecoderLM, ModelConfig
 from ..model.generate import CACHE_POLICIES, generate
@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-out/generate"))
+    common.add_device_option(p)
 
 
 def run(args) -> list[dict]:
@@ -49,8 +50,8 @@ def run(args) -> list[dict]:
     )
     cfg = ModelConfig.from_dict(load_preset(args.preset).get("model", {}))
     torch.manual_seed(args.seed)
-    model = DecoderLM(cfg).eval()
-    device = torch.device("cpu")
+    device = resolve_device(args.device)
+    model = DecoderLM(cfg).eval().to(device)
     info = common.machine_info(device)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
@@ -103,7 +104,7 @@ def _measure(model, policy, n, row, args) -> None:
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, 256, (n,), generator=g).tolist()
     t0 = time.perf_counter()
-    with common.PeakMemory(torch.device("cpu")) as mem:
+    with common.PeakMemory(model.embed.weight.device) as mem:
         gen = generate(model, prompt, args.tokens, cache=policy, temperature=0)
         peak = mem.peak()
     latency = statistics.median(gen.step_seconds)

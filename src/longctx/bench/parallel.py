@@ -60,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=2, help="timed runs per case (after a warm-up)")
     p.add_argument("--timeout", type=float, default=300.0, help="process-group timeout (s)")
     p.add_argument("--out", type=Path, default=Path("bench-out/parallel"))
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (gloo, the default) or cuda (NCCL, one GPU per rank)",
+    )
 
 
 def longnet_branches(n: int) -> tuple[list[int], list[int]]:
@@ -67,14 +72,15 @@ def longnet_branches(n: int) -> tuple[list[int], list[int]]:
     return [n // 4, n // 2, n, 2 * n], [1, 2, 4, 8]
 
 
-def _worker(rank, world, strategies, N, B, H, D, reps, ws, rs):
+def _worker(rank, world, strategies, N, B, H, D, reps, ws, rs, device="cpu"):
     sp = SPGroup.world()
+    device = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(B, H, N, D, generator=g) for _ in range(4)]  # q, k, v, dout
     out = {}
     for strategy in strategies:
         layout = strategy_layout(strategy, True)
-        q, k, v, dout = (shard(t, 2, rank, world, layout) for t in full)
+        q, k, v, dout = (shard(t, 2, rank, world, layout).to(device) for t in full)
 
         def step(q=q, k=k, v=v, dout=dout, strategy=strategy):
             qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
@@ -94,6 +100,7 @@ def _worker(rank, world, strategies, N, B, H, D, reps, ws, rs):
             torch.distributed.barrier()
             t0 = time.perf_counter()
             step()
+            common.synchronize(device)
             times.append(time.perf_counter() - t0)
         out[strategy] = {
             "time_s": statistics.median(times),
@@ -131,6 +138,8 @@ def run(args) -> list[dict]:
             ("global", args.world, N)
             for N in parse_numbers(args.global_ns, int, "--global-ns", positive=True)
         ]
+    if args.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda (one GPU per rank), got {args.device!r}")
     ws, rs = longnet_branches(args.local_length)
     for _, P, N in points:
         if N % (2 * P):
@@ -143,13 +152,13 @@ def run(args) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.jsonl"
     results.write_text("")
-    info = common.machine_info(torch.device("cpu"))
+    info = common.machine_info(torch.device(args.device))
     B, H, D = args.batch, args.heads, args.head_dim
     rows = []
     bar = Progress(len(points), "bench parallel", unit="case")
     for sweep, P, N in points:
-        work = (strategies, N, B, H, D, args.reps, ws, rs)
-        per_rank = spawn(P, _worker, work, timeout_s=args.timeout)
+        work = (strategies, N, B, H, D, args.reps, ws, rs, args.device)
+        per_rank = spawn(P, _worker, work, timeout_s=args.timeout, device=args.device)
         for s in strategies:
             sent = [r[s]["bytes_per_step"] for r in per_rank]
             formula = _formula(s, B, H, N // P, D, P, ws, rs)

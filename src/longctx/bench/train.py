@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .._util import powers_of_two
+from .._util import powers_of_two, resolve_device
 from ..model import DecoderLM, ModelConfig
 from . import common
 
@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens-per-step", type=int, default=16384)
     p.add_argument("--steps", type=int, default=2, help="timed steps per case (after 1 warm-up)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    common.add_device_option(p)
     p.add_argument(
         "--budget",
         type=float,
@@ -72,7 +73,7 @@ def run(args) -> list[dict]:
     contexts = powers_of_two(
         args.min_context, args.max_context, minimum=16, names="--min-context/--max-context"
     )
-    device = torch.device("cpu")
+    device = resolve_device(args.device)
     info = common.machine_info(device)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +88,7 @@ def run(args) -> list[dict]:
         names,
         contexts,
         lambda name, ctx: _row(name, cfgs[name], ctx, args, info),
-        lambda name, ctx, row: _measure(cfgs[name], ctx, row, args),
+        lambda name, ctx, row: _measure(cfgs[name], ctx, row, args, device),
         budget=args.budget,
         device=device,
         cost="train_flops_per_step",
@@ -123,16 +124,16 @@ def _row(name: str, cfg: ModelConfig, ctx: int, args, info: dict) -> dict:
     }
 
 
-def _measure(cfg: ModelConfig, ctx: int, row: dict, args) -> None:
+def _measure(cfg: ModelConfig, ctx: int, row: dict, args, device: torch.device) -> None:
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    with common.PeakMemory(torch.device("cpu")) as mem:
-        model = DecoderLM(cfg)
+    with common.PeakMemory(device) as mem:
+        model = DecoderLM(cfg).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        x = torch.randint(0, 256, (row["batch"], ctx + 1), generator=g)
+        x = torch.randint(0, 256, (row["batch"], ctx + 1), generator=g).to(device)
 
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 loss = model.loss(x[:, :-1], x[:, 1:])
             loss.backward()
             opt.step()
@@ -140,10 +141,12 @@ def _measure(cfg: ModelConfig, ctx: int, row: dict, args) -> None:
 
         t0 = time.perf_counter()
         step()  # warm-up
+        common.synchronize(device)
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(args.steps):
             step()
+        common.synchronize(device)
         seconds = (time.perf_counter() - t0) / args.steps
         peak = mem.peak()
     row.update(

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._util import resolve_device
 from ..nn.ngram import no_sequence_parallel as ngram_refusal
 from ..nn.routing import NO_SEQUENCE_PARALLEL as ROUTING_REFUSAL
 from . import SequenceParallel, default_strategy
@@ -32,6 +33,7 @@ class ParallelTraining:
     world: int
     dp_rank: int
     dp_size: int
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live (NCCL: GPU)
 
     @property
     def is_main(self) -> bool:
@@ -54,7 +56,7 @@ class ParallelTraining:
 
     def mean(self, values: list[float]) -> list[float]:
         """Per-group sums of per-rank values, averaged over replicas (one all-reduce)."""
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return (t / self.dp_size).tolist()
 
@@ -73,7 +75,7 @@ class ParallelTraining:
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any rank (stop decisions must agree)."""
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
@@ -108,14 +110,19 @@ def setup_training(
     context: int,
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    device: str = "cpu",
+    device=None,
 ) -> ParallelTraining:
     """Join the torchrun job and build the groups; clear errors for shapes that do not
-    divide (checked before any training starts)."""
+    divide (checked before any training starts). ``device``: auto (default: this
+    process's ``LOCAL_RANK`` GPU when CUDA is available, with NCCL; else the CPU with
+    gloo), cpu, cuda or cuda:N."""
     if sequence_parallel < 1:
         raise ValueError(f"--sequence-parallel must be >= 1, got {sequence_parallel}")
     strategy = strategy or default_strategy(model_cfg.attention)
     check_model(None, model_cfg, context, strategy=strategy)  # before joining the job
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL uses the current device
     rank, world = init_from_env(device, timeout_s)
     P = sequence_parallel
     if world % P:
@@ -129,7 +136,9 @@ def setup_training(
         SPGroup(groups[rank // P], list(range(base, base + P)), rank - base), strategy
     )
     check_model(sp, model_cfg, context)
-    return ParallelTraining(sp=sp, rank=rank, world=world, dp_rank=rank // P, dp_size=world // P)
+    return ParallelTraining(
+        sp=sp, rank=rank, world=world, dp_rank=rank // P, dp_size=world // P, device=device
+    )
 
 
 def check_model(sp: SequenceParallel | None, cfg, context: int, *, strategy=None) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._util import LN2, Progress, atomic_write_json, pyplot, save_figure
+from .._util import LN2, Progress, atomic_write_json, pyplot, resolve_device, save_figure
 from ..data import Corpus, DataConfig, eval_windows, load_corpus, task_source
 from ..model import DecoderLM, latest_checkpoint, load_model
 from ..train import RunConfig
@@ -26,8 +26,10 @@ def bits_per_position(
     was_training = model.training
     model.eval()
     total = None
+    device = next(model.parameters()).device
     for i in range(0, len(windows), batch):
-        nll = model.nll_per_position(torch.stack(windows[i : i + batch])).sum(dim=0)  # (N,)
+        rows = torch.stack(windows[i : i + batch]).to(device)  # (b, N + 1)
+        nll = model.nll_per_position(rows).sum(dim=0)  # (N,)
         total = nll if total is None else total + nll
         if progress is not None:
             progress.update(1)
@@ -52,15 +54,17 @@ def evaluate_run(
     progress: bool = True,
     model: DecoderLM | None = None,
     corpus: Corpus | None = None,
+    device=None,
 ) -> dict:
     """Bits per byte of a run's latest checkpoint (or ``model``, e.g. the one just
     trained) on its validation text, by position and at several context lengths (default
     1x, 2x, 4x the training context); writes eval/eval.json and plots; returns the
-    results. ``corpus``: the run's corpus if already loaded."""
+    results. ``corpus``: the run's corpus if already loaded. ``device``: where the model
+    runs when it is loaded here (auto, cpu, cuda, cuda:N)."""
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if model is None:
-        model, state = load_model(ckpt)
+        model, state = load_model(ckpt, resolve_device(device))
     else:
         state = _state_of(ckpt)
     model.eval()

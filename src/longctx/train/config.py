@@ -73,7 +73,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
-    bf16: bool = False  # bfloat16 autocast
+    bf16: bool | None = None  # bfloat16 autocast; None: on for CUDA, off for the CPU
     seed: int = 0
     log_every: int = 10
     eval_every: int = 250  # 0 = only at the end

@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .._util import Progress, append_jsonl, atomic_write, atomic_write_json, nats_to_bits
+from .._util import (
+    Progress,
+    append_jsonl,
+    atomic_write,
+    atomic_write_json,
+    nats_to_bits,
+    resolve_device,
+)
 from ..config import apply_overrides
 from ..data import Corpus, training_source
 from ..model import DecoderLM
@@ -76,9 +83,10 @@ def validation_bits(model: DecoderLM, batches, parallel: Parallel) -> float:
     byte for text) over (inputs, targets) batches, with the model's inference forward."""
     was = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for x, y in batches:
-        xl, yl, positions, _ = parallel.shard(x, y)
+        xl, yl, positions, _ = parallel.shard(to_device(x, device), to_device(y, device))
         n = int((y >= 0).sum())
         total += float(model.loss_terms(xl, yl, positions=positions, normalizer=n).lm) * n
         count += n
@@ -99,10 +107,12 @@ class Trainer:
         parallel: Parallel | None = None,
         corpus: Corpus | None = None,
         progress: bool = True,
+        device=None,
     ):
         tc = cfg.train
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.par = parallel or SingleProcess()
+        self.device = resolve_device(device)
         self.source = training_source(
             cfg.data,
             batch=tc.batch_size,
@@ -112,7 +122,7 @@ class Trainer:
             corpus=corpus,
         )
         torch.manual_seed(tc.seed)
-        self.model = DecoderLM(cfg.model)
+        self.model = DecoderLM(cfg.model).to(self.device)  # initialised on the CPU: any device
         self.par.prepare(self.model)
         self.opt = build_optimizer(self.model, tc)
         self.step, self.tokens = 0, 0
@@ -120,7 +130,8 @@ class Trainer:
         self.progress = progress and self.par.is_main
         self.metrics = self.run_dir / METRICS_FILE
         self.ckpt_root = self.run_dir / CKPT_DIR
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.bf16 else None
+        bf16 = tc.bf16 if tc.bf16 is not None else self.device.type == "cuda"
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None
         self.autocast = autocast or contextlib.nullcontext()
 
     # ------------------------------------------------------------------ parts
@@ -136,6 +147,8 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path} does not fit this run: {exc}") from None
         torch.set_rng_state(loaded["rng"]["cpu"])
+        if self.device.type == "cuda" and "cuda" in loaded["rng"]:  # else: another device
+            torch.cuda.set_rng_state(loaded["rng"]["cuda"], self.device)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         if self.par.is_main:
             _truncate_metrics(self.metrics, self.step)
@@ -152,6 +165,7 @@ class Trainer:
         loss, aux = 0.0, None
         for micro in range(tc.grad_accum):
             x, y = self.source.batch(self.par.batch_index(self.step, micro, tc.grad_accum))
+            x, y = to_device(x, self.device), to_device(y, self.device)
             x, y, positions, normalizer = self.par.shard(x, y)  # this process's part
             state = None  # crossbatch: memory layers also read other rows' last windows
             if negatives is not None:
@@ -188,11 +202,10 @@ class Trainer:
         path = self.ckpt_root / checkpoint_name(self.step)
         if self.par.is_main:
             opt_tensors, opt_meta = optimizer_tensors(self.opt)
-            tensors = {
-                "model": self.model.state_dict(),
-                "optimizer": opt_tensors,
-                "rng": {"cpu": torch.get_rng_state()},
-            }
+            rng = {"cpu": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            tensors = {"model": self.model.state_dict(), "optimizer": opt_tensors, "rng": rng}
             meta = {"tokens": self.tokens, "config": self.cfg.to_dict(), "optimizer": opt_meta}
             path = save_checkpoint(self.ckpt_root, self.step, tensors, meta)
             prune_checkpoints(self.ckpt_root, self.cfg.train.keep_checkpoints)
@@ -307,17 +320,20 @@ def train(
     corpus: Corpus | None = None,
     progress: bool = True,
     parallel: Parallel | None = None,
+    device=None,
 ) -> TrainResult:
     """Train (or resume) a run in ``run_dir``; returns where it stopped and the numbers.
 
     ``parallel``: e.g. a :class:`longctx.distributed.training.ParallelTraining` (under
     torchrun: sequence shards per rank, gradients reduced over ranks; only rank 0
-    writes); default one process."""
+    writes); default one process. ``device``: auto (default), cpu, cuda or cuda:N."""
     threads = torch.get_num_threads()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
-        trainer = Trainer(cfg, run_dir, parallel=parallel, corpus=corpus, progress=progress)
+        trainer = Trainer(
+            cfg, run_dir, parallel=parallel, corpus=corpus, progress=progress, device=device
+        )
         if resume:
             trainer.resume(checkpoint)
         return trainer.run()
@@ -385,6 +401,14 @@ class _StopFlag:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``; to CUDA through pinned memory, without waiting for the
+    copy (the kernels that use it are queued after it)."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
