@@ -36,24 +36,28 @@ def run_strategy(case, q, k, v, sp):
     return ulysses_attention(q, k, v, sp, kernel), None
 
 
-def op_parity(rank, world, cases):
-    """Each rank's (out, lse, dq, dk, dv) shards and bytes sent, per case."""
+def op_parity(rank, world, cases, device="cpu"):
+    """Each rank's (out, lse, dq, dk, dv) shards and bytes sent, per case (computed on
+    ``device``: "cpu", or "cuda" for GPU ``rank``; returned on the CPU)."""
     sp = SPGroup.world()
+    dev = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
     results = []
     for case in cases:
         (q, k, v), g_out, g_lse = full_inputs(case)
         layout = strategy_layout(case["strategy"], case["causal"])
-        ql, kl, vl = (shard(t, 2, rank, world, layout).detach().requires_grad_() for t in (q, k, v))
+        ql, kl, vl = (
+            shard(t, 2, rank, world, layout).to(dev).detach().requires_grad_() for t in (q, k, v)
+        )
         out, lse = run_strategy(case, ql, kl, vl, sp)
-        loss = (out.double() * shard(g_out, 2, rank, world, layout)).sum()
+        loss = (out.double() * shard(g_out, 2, rank, world, layout).to(dev)).sum()
         if lse is not None and case.get("lse_grad", False):
-            loss = loss + (lse.double() * shard(g_lse, 2, rank, world, layout)).sum()
+            loss = loss + (lse.double() * shard(g_lse, 2, rank, world, layout).to(dev)).sum()
         loss.backward()
         results.append(
             {
-                "out": out.detach(),
-                "lse": None if lse is None else lse.detach(),
-                "grads": (ql.grad, kl.grad, vl.grad),
+                "out": out.detach().cpu(),
+                "lse": None if lse is None else lse.detach().cpu(),
+                "grads": tuple(g.cpu() for g in (ql.grad, kl.grad, vl.grad)),
                 "bytes": dict(sp.bytes_sent),
             }
         )

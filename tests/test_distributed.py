@@ -55,8 +55,8 @@ def reference(case, q, k, v):
     return (q, k, v), out, lse
 
 
-def check_cases(world, cases):
-    results = spawn(world, dist_workers.op_parity, (cases,))
+def check_cases(world, cases, device="cpu"):
+    results = spawn(world, dist_workers.op_parity, (cases, device), device=device)
     for i, case in enumerate(cases):
         (q, k, v), g_out, g_lse = dist_workers.full_inputs(case)
         layout = strategy_layout(case["strategy"], case["causal"])
@@ -376,3 +376,10 @@ def test_bench_parallel_smoke(tmp_path, capsys):
     assert summary["max_formula_error"] < 0.01
     assert (out / "parallel.png").stat().st_size > 1000
     assert "largest deviation 0.00%" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_strategies_on_nccl_equal_the_single_process_op():
+    """The same parity cases, one GPU per rank over NCCL (float32 and float64 on CUDA)."""
+    check_cases(2, _cases(2), device="cuda")
