@@ -42,7 +42,7 @@ from .. import ops
 from ..config import Registry
 from ..ops.lowlevel import (
     check_branches,
-    head_offsets,
+    head_offset_groups,
     query_rows_per_tile,
     sliding_window_attention_at,
     tiled_masked_attention,
@@ -352,21 +352,19 @@ class Dilated(Pattern):
         parts = []
         for b, (w, r) in enumerate(zip(self.segment_lengths, self.dilation_rates)):
             residue = (t % w) % r
-            heads = [h for h, o in enumerate(head_offsets(H, r, self.offsets)) if o == residue]
-            if not heads:
+            heads = dict(head_offset_groups(H, r, self.offsets)).get(residue)  # a slice
+            if heads is None:
                 continue
-            idx = torch.tensor(heads, device=q.device)
             if isinstance(state, DilatedKVCache):
                 kb, vb = state.keys(b, residue)  # (B, Hg, L, D)
-            else:  # the full cache: the segment's positions of this residue, then the heads
-                seg0 = (t // w) * w
-                rows = torch.arange(seg0 + residue, t + 1, r, device=q.device)
-                kb = state.k[:, :, rows].index_select(1, idx)
-                vb = state.v[:, :, rows].index_select(1, idx)
-            o, lse = ops.attention(q.index_select(1, idx), kb, vb, return_lse=True)
-            if len(heads) < H:  # (B, Hg, 1, D) -> (B, H, 1, D), lse -inf elsewhere
-                o = q.new_zeros(B, H, 1, D).index_copy_(1, idx, o)
-                lse = lse.new_full((B, H, 1), float("-inf")).index_copy_(1, idx, lse)
+            else:  # the full cache: the segment's positions of this residue
+                rows = slice((t // w) * w + residue, t + 1, r)
+                kb, vb = state.k[:, heads, rows], state.v[:, heads, rows]  # (B, Hg, L, D)
+            o, lse = ops.attention(q[:, heads], kb, vb, return_lse=True)  # (B, Hg, 1, D)
+            if o.shape[1] < H:  # -> (B, H, 1, D), lse -inf for the other heads
+                o_all, lse_all = q.new_zeros(B, H, 1, D), lse.new_full((B, H, 1), -math.inf)
+                o_all[:, heads], lse_all[:, heads] = o, lse
+                o, lse = o_all, lse_all
             parts.append((o, lse))
         return ops.merge(parts)[0]  # every head has the rate-1 branch
 

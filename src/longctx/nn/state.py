@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._util import atomic_path
-from ..ops.lowlevel import head_offsets
+from ..ops.lowlevel import head_offset_groups
 
 
 class LayerState:
@@ -112,15 +112,8 @@ class DilatedKVCache(LayerState):
     ):
         self.segment_lengths = list(segment_lengths)
         self.dilation_rates = list(dilation_rates)
-        self.offsets = [head_offsets(heads, r, offsets) for r in self.dilation_rates]
-        # per branch: {offset: the heads with that offset (index tensor)}
-        self.heads = [
-            {
-                o: torch.tensor([h for h, oh in enumerate(offs) if oh == o], device=device)
-                for o in sorted(set(offs))
-            }
-            for offs in self.offsets
-        ]
+        # per branch: {offset: the heads with that offset (a slice)}
+        self.heads = [dict(head_offset_groups(heads, r, offsets)) for r in self.dilation_rates]
         caps = [math.ceil(w / r) for w, r in zip(self.segment_lengths, self.dilation_rates)]
         self.k = [torch.zeros(batch, heads, c, head_dim, dtype=dtype, device=device) for c in caps]
         self.v = [torch.zeros_like(t) for t in self.k]
@@ -173,9 +166,10 @@ class DilatedKVCache(LayerState):
                     self.v[b][:, h, : len(rows)] = v[:, h, sel]
 
     def keys(self, b: int, offset: int) -> tuple[Tensor, Tensor]:
-        """Keys/values (B, Hg, c, D) that branch b holds for the heads with ``offset``."""
+        """Keys/values (B, Hg, c, D) that branch b holds for the heads with ``offset``
+        (views)."""
         c, h = self.count[b][offset], self.heads[b][offset]
-        return self.k[b][:, :, :c].index_select(1, h), self.v[b][:, :, :c].index_select(1, h)
+        return self.k[b][:, h, :c], self.v[b][:, h, :c]
 
 
 class RoutedKVCache(LayerState):

@@ -14,7 +14,8 @@ public and documented; the underscore modules it comes from are not.
   at given positions: decoding), :func:`tiled_masked_attention` (explicit masks per
   query tile) with :func:`query_rows_per_tile`.
 - Checks and rules: :func:`check_qkv`, :func:`resolve_scale`, :func:`compute_dtype`,
-  :func:`check_branches`, :func:`check_coverage`, :func:`head_offsets`,
+  :func:`check_branches`, :func:`check_coverage`, :func:`head_offsets` and
+  :func:`head_offset_groups` (the heads of each offset, as slices),
   :func:`causal_query_offset`.
 """
 
@@ -22,7 +23,13 @@ from ._blockwise import Block, Tile, run_plan, span_tiles
 from ._kernels import accumulate_tile_grads, attn_bwd, attn_fwd, compute_dtype, merge_into
 from ._validate import check_qkv, resolve_scale
 from .attention import causal_query_offset
-from .dilated import check_branches, check_coverage, head_offsets, plan_dilated
+from .dilated import (
+    check_branches,
+    check_coverage,
+    head_offset_groups,
+    head_offsets,
+    plan_dilated,
+)
 from .masked import query_rows_per_tile, tiled_masked_attention
 from .sliding import plan_sliding, sliding_window_attention_at
 
@@ -37,6 +44,7 @@ __all__ = [
     "check_coverage",
     "check_qkv",
     "compute_dtype",
+    "head_offset_groups",
     "head_offsets",
     "merge_into",
     "plan_dilated",
