@@ -269,6 +269,11 @@ def test_loss_terms_hold_every_term_of_the_objective():
     assert plain.router_aux is None and not torch.allclose(plain.lm, cross.lm)
     with pytest.raises(ValueError, match="crossbatch training needs a model with memory layers"):
         colt5.new_state(2, crossbatch=1)
+    routed = DecoderLM(ModelConfig(d_model=32, n_layers=1, n_heads=4, attention="colt5"))
+    with pytest.raises(ValueError, match="needs a model with memory layers.*'colt5'"):
+        routed.new_state(2, crossbatch=1)
+    with pytest.raises(ValueError, match="unknown cache policy 'paged'"):
+        routed.new_state(2, cache="paged")
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ from ..ops.lowlevel import (
     tiled_masked_attention,
 )
 from .feedforward import FeedForwardKind, SwiGLU, register_ffn
-from .patterns import Pattern, register_pattern
+from .patterns import Pattern, check_decode_policy, register_pattern
 from .rotary import apply_rotary
 from .routing import (
     DEFAULT_EPSILON,
@@ -304,8 +304,7 @@ class ConditionalAttention(nn.Module):
         """A decode state for ``batch`` rows and up to ``capacity`` positions (causal only;
         any decode ``policy`` keeps this layer's own bounded light window and routed
         keys)."""
-        if policy == "crossbatch":
-            raise ValueError("crossbatch training needs a model with memory layers")
+        check_decode_policy(policy, "colt5")
         if not self.causal:
             raise ValueError("a decoding cache needs causal ConditionalAttention")
         w = self.light_qkv.weight

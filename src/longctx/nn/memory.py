@@ -61,15 +61,22 @@ def document_rules(tokens: Tensor, separator: int) -> tuple[Tensor, Tensor, list
     a document separator), which tokens are written (B, n) (those after the last
     separator), and which rows' memory is cleared (rows that hold a separator).
     ``separator`` < 0: no separator."""
-    B, n = tokens.shape
     is_sep = (tokens == separator) & (separator >= 0)  # (B, n)
-    idx = torch.arange(n, device=tokens.device).expand(B, n)
-    first = torch.where(is_sep, idx, n).amin(dim=1, keepdim=True)  # n: none
+    idx = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     last = torch.where(is_sep, idx, -1).amax(dim=1, keepdim=True)  # -1: none
-    visible = idx <= first
     keep = idx > last
     clear = is_sep.any(dim=1).nonzero().flatten().tolist()
-    return visible, keep, clear
+    return memory_visible(tokens, separator), keep, clear
+
+
+def memory_visible(tokens: Tensor, separator: int) -> Tensor:
+    """(B, n) bool: which queries of a window (token ids (B, n)) may read memory: those
+    up to the window's first document separator (no host sync)."""
+    B, n = tokens.shape
+    is_sep = (tokens == separator) & (separator >= 0)
+    idx = torch.arange(n, device=tokens.device).expand(B, n)
+    first = torch.where(is_sep, idx, n).amin(dim=1, keepdim=True)  # n: none
+    return idx <= first
 
 
 def window_pieces(offset: int, n: int, window: int) -> list[tuple[int, int]]:
@@ -310,12 +317,13 @@ class MemoryAttention(nn.Module):
                 keys, values = st.k_rot[:, :, : st.held], st.v[:, :, : st.held]
                 mem_k, mem_v, window_tokens = st.k_mem, st.v, st.tokens[:, : st.held]
             local = ops.attention(q_rot[:, :, a:b], keys, values, causal=True, return_lse=True)
-            visible, keep, clear = document_rules(window_tokens, st.separator)
+            visible = memory_visible(window_tokens, st.separator)
             w0 = start + a - off  # the window's first position
             qm = self._memory_query(q[:, :, a:b], q_rot[:, :, a:b], positions[a:b] - w0)
             read = self.read(qm, st.store, visible[:, off : off + b - a])
             outs.append(ops.merge([local, read])[0])
             if off + b - a == W:  # the window is complete: into memory
+                _, keep, clear = document_rules(window_tokens, st.separator)
                 if clear:
                     st.store.clear(clear)
                 window_pos = torch.arange(w0, w0 + W, device=x.device)
@@ -493,5 +501,6 @@ __all__ = [
     "document_rules",
     "local_attention",
     "local_attention_flops",
+    "memory_visible",
     "window_pieces",
 ]

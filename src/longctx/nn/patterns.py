@@ -106,14 +106,12 @@ class Pattern:
         decode cache for up to ``capacity`` positions (a pattern without a bounded cache
         uses the full one, and :meth:`cache_note` says so). Other policies (``"crossbatch"``)
         belong to the patterns that define them."""
-        if policy not in CACHE_POLICIES:
-            if policy == "crossbatch":
-                raise ValueError(
-                    "crossbatch training needs a model with memory layers "
-                    f"([model.attention] kind = 'memory'); this one has {self.kind!r} attention"
-                )
-            raise ValueError(f"unknown cache policy {policy!r}; choose from {CACHE_POLICIES}")
+        self.check_policy(policy)
         return KVCache(batch, module.n_heads, capacity, module.head_dim, dtype, device)
+
+    def check_policy(self, policy: str) -> None:
+        """ValueError unless ``policy`` is a decode cache policy."""
+        check_decode_policy(policy, self.kind)
 
     def cache_note(self, policy: str) -> str:
         """Why a cache policy is not honoured as asked (empty when it is)."""
@@ -176,6 +174,18 @@ class Pattern:
                 f"the {strategy} sequence-parallel strategy does not compute {self.kind!r} "
                 f"attention (strategies that do: {supported})"
             )
+
+
+def check_decode_policy(policy: str, kind: str) -> None:
+    """ValueError unless ``policy`` is a decode cache policy (the state of a layer of
+    attention ``kind``)."""
+    if policy == "crossbatch":
+        raise ValueError(
+            "crossbatch training needs a model with memory layers "
+            f"([model.attention] kind = 'memory'); this one has {kind!r} attention"
+        )
+    if policy not in CACHE_POLICIES:
+        raise ValueError(f"unknown cache policy {policy!r}; choose from {CACHE_POLICIES}")
 
 
 def masked_pattern_attention(
@@ -434,6 +444,7 @@ __all__ = [
     "Kernel",
     "Pattern",
     "SlidingWindow",
+    "check_decode_policy",
     "make_kernel",
     "make_pattern",
     "masked_pattern_attention",
