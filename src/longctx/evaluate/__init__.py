@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._util import LN2, Progress, atomic_write_json, pyplot, resolve_device, save_figure
 from ..data import Corpus, DataConfig, eval_windows, load_corpus, task_source
-from ..model import DecoderLM, latest_checkpoint, load_model
+from ..model import DecoderLM, latest_checkpoint, load_checkpoint, load_model
 from ..train import RunConfig
 
 
@@ -66,7 +66,7 @@ def evaluate_run(
     if model is None:
         model, state = load_model(ckpt, resolve_device(device))
     else:
-        state = _state_of(ckpt)
+        state = load_checkpoint(ckpt, [])[1]  # its step and config
     model.eval()
     cfg = state["config"]
     train_ctx = int(cfg["train"]["context"])
@@ -119,13 +119,6 @@ def evaluate_run(
     atomic_write_json(out / "eval.json", results)
     results["plots"] = _plot(results, out)
     return results
-
-
-def _state_of(ckpt: Path) -> dict:
-    """A checkpoint's state.json (step and config), for a model given in memory."""
-    from ..model import load_checkpoint
-
-    return load_checkpoint(ckpt, [])[1]
 
 
 def _plot(results: dict, out: Path) -> list[str]:
