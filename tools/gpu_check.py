@@ -6,7 +6,8 @@
 1. Parity: every op (attention, chunked, sliding, dilated, masked) forward and backward
    in bf16, fp16 and fp32 against the float64 reference on the CPU, with and without a
    gradient on lse; prints the largest relative error of out, lse, dq, dk, dv and which
-   backward ran (``fused``, ``folded`` or ``manual``). Exits 1 when an error is above its
+   backward ran (``fused``, ``folded`` or ``manual``, and the kernel: ``flash``,
+   ``efficient``, ``cpu-flash`` or ``manual``). Exits 1 when an error is above its
    dtype's bound.
 2. Timing: dense (``F.scaled_dot_product_attention`` and ``ops.attention``) and dilated
    attention (the paper's configuration), causal, forward and forward + backward, over
@@ -104,7 +105,7 @@ def parity(device: torch.device, n: int) -> bool:
                 bad = max(errs) > BOUND[dtype]
                 ok &= not bad
                 cells = " ".join(f"{e:8.1e}" for e in errs)
-                path = _kernels.last_backward_path
+                path = f"{_kernels.last_backward_path}/{_kernels.last_backward_kernel}"
                 flag = "  <-- above bound" if bad else ""
                 print(f"{name:10s} {str(dtype)[6:]:9s} {str(with_lse):8s} {cells}  {path}{flag}")
     return ok

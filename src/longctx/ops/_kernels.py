@@ -15,12 +15,19 @@ lse = -inf.
 other blocks), so that the gradient of a merged attention is the sum of per-block
 gradients (the flash-attention backward with delta = rowsum(dout * out) - dlse).
 
-CPU uses PyTorch's fused flash kernel, forward and backward; a gradient on lse (and a
-value head size unlike the query's) is folded into the fused backward exactly
-(``_folded_bwd``). CUDA uses the fused memory-efficient kernel for the forward when no
-bias is needed; any other case uses an exact blockwise implementation in plain PyTorch
-(``_manual_*``). ``last_backward_path`` names the backward that ran last ("fused",
-"folded" or "manual").
+Backends, by device and dtype:
+
+- CPU (float64/32, bf16, fp16): PyTorch's fused CPU flash kernel, forward and backward;
+- CUDA (float32, bf16, fp16): the fused flash or memory-efficient kernel per tile
+  (``_cuda``);
+- anything else (CUDA float64, other devices): an exact blockwise implementation in plain
+  PyTorch (``_manual_*``).
+
+A gradient on lse (and head sizes the fused backward cannot take as they are) is folded
+into the fused backward exactly (``_folded_bwd``). The batch and head axes are split into
+parts of at most ``GRID_LIMIT`` (the CUDA kernels' grid limit) on every device.
+``last_backward_path`` names the backward that ran last ("fused", "folded" or "manual")
+and ``last_backward_kernel`` the kernel ("cpu-flash", "flash", "efficient" or "manual").
 """
 
 from __future__ import annotations
@@ -28,14 +35,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _cuda
+
 _aten = torch.ops.aten
 _FUSED_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_FUSED_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The fused CUDA kernels' limit on their batch and head grid axes.
+GRID_LIMIT = 65535
 # Elements of one score block in the blockwise fallback (keeps its memory bounded).
 _MANUAL_BLOCK_ELEMS = 1 << 22
 
 # Which implementation ran last (tests use it to check both paths are exercised).
 last_backward_path: str = ""
+last_backward_kernel: str = ""
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,6 +62,41 @@ def _empty_rows(bias: Tensor | None) -> Tensor | None:
     return torch.isneginf(bias).all(dim=-1)
 
 
+def _backend(q: Tensor) -> str:
+    """'cpu' (fused CPU kernels), 'cuda' (fused CUDA kernels) or 'manual'."""
+    if q.device.type == "cpu" and q.dtype in _FUSED_CPU_DTYPES:
+        return "cpu"
+    if q.device.type == "cuda" and q.dtype in _cuda.FUSED_DTYPES:
+        return "cuda"
+    return "manual"
+
+
+def _grid_parts(B: int, G: int) -> list[tuple[slice, slice]] | None:
+    """(batch, head) slices of at most GRID_LIMIT each, or None when one call fits."""
+    n = GRID_LIMIT
+    if max(B, G) <= n:
+        return None
+    return [(slice(b, b + n), slice(g, g + n)) for b in range(0, B, n) for g in range(0, G, n)]
+
+
+def _bias_part(bias: Tensor | None, sb: slice, sg: slice) -> Tensor | None:
+    """One part of a bias broadcastable to (B, G, Lq, Lk) (size 1 axes stay whole)."""
+    if bias is None:
+        return None
+    b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    return b4[sb if b4.shape[0] != 1 else slice(None), sg if b4.shape[1] != 1 else slice(None)]
+
+
+def _joined(parts: list[tuple[Tensor, ...]], B: int, G: int) -> tuple[Tensor, ...]:
+    """Reassemble per-part results (in _grid_parts order) along the batch and head axes."""
+    per_row = -(-G // GRID_LIMIT)
+    rows = [parts[i : i + per_row] for i in range(0, len(parts), per_row)]
+    return tuple(
+        torch.cat([torch.cat([p[j] for p in row], dim=1) for row in rows], dim=0)
+        for j in range(len(parts[0]))
+    )
+
+
 def attn_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -61,24 +107,26 @@ def attn_fwd(
         out = q.new_zeros(B, G, Lq, v.shape[-1])
         lse = q.new_full((B, G, Lq), float("-inf"), dtype=compute_dtype(q.dtype))
         return out, lse
-    same_dim = v.shape[-1] == q.shape[-1]  # the fused kernels need one head size
-    if q.device.type == "cpu" and q.dtype in _FUSED_CPU_DTYPES and same_dim:
+    parts = _grid_parts(B, G)
+    if parts is not None:
+        results = [
+            attn_fwd(q[sb, sg], k[sb, sg], v[sb, sg], scale, causal, _bias_part(bias, sb, sg))
+            for sb, sg in parts
+        ]
+        return _joined(results, B, G)
+    backend = _backend(q)
+    if backend == "cpu" and v.shape[-1] == q.shape[-1]:  # one head size on CPU
         out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=bias, scale=scale
         )
-    elif q.device.type == "cuda" and q.dtype in _FUSED_CUDA_DTYPES and bias is None and same_dim:
-        # contiguous inputs: the CUDA kernel's stride requirements are stricter than the
-        # CPU kernel's, and a copy on the GPU costs little next to the attention
-        out, lse, _, _ = _aten._scaled_dot_product_efficient_attention(
-            q.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, causal, scale=scale
-        )
-        lse = lse[..., :Lq]  # some versions pad lse's last dim to a multiple of 32
+    elif backend == "cuda":
+        out, lse = _cuda.forward(q, k, v, scale, causal, bias)
     else:
         return _manual_fwd(q, k, v, scale, causal, bias)
     lse = lse.to(compute_dtype(q.dtype))
     empty = _empty_rows(bias)
     if empty is not None:
-        # The fused kernels report lse = 0 for a fully masked row; the spec says -inf.
+        # The fused kernels report lse = 0 (or NaN) for a fully masked row; ours is -inf.
         empty = empty.expand(B, G, Lq)
         lse = lse.masked_fill(empty, float("-inf"))
         out = out.masked_fill(empty.unsqueeze(-1), 0.0)
@@ -98,17 +146,40 @@ def attn_bwd(
     bias: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of one tile against the global out and lse (module docstring)."""
-    global last_backward_path
+    global last_backward_path, last_backward_kernel
     if k.shape[2] == 0 or q.shape[2] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if not (q.device.type == "cpu" and q.dtype in _FUSED_CPU_DTYPES):
-        last_backward_path = "manual"
+    B, G = q.shape[:2]
+    parts = _grid_parts(B, G)
+    if parts is not None:
+        results = [
+            attn_bwd(
+                *(t[sb, sg] for t in (q, k, v, out, lse, dout)),
+                None if dlse is None else dlse[sb, sg],
+                scale,
+                causal,
+                _bias_part(bias, sb, sg),
+            )
+            for sb, sg in parts
+        ]
+        return _joined(results, B, G)
+    backend = _backend(q)
+    if backend == "manual":
+        last_backward_path = last_backward_kernel = "manual"
         return _manual_bwd(q, k, v, out, lse, dout, dlse, scale, causal, bias)
-    if dlse is None and v.shape[-1] == q.shape[-1]:
+    head, head_v = q.shape[-1], v.shape[-1]
+    if backend == "cpu":
+        fused, last_backward_kernel = _fused_cpu_bwd, "cpu-flash"
+        as_is = head == head_v
+    else:
+        fused = _cuda.backward
+        last_backward_kernel = _cuda.kernel_for(q, k, v, causal, bias, int(dlse is not None))
+        as_is = head == head_v and head % 8 == 0
+    if dlse is None and as_is:
         last_backward_path = "fused"
-        return _fused_cpu_bwd(q, k, v, out, lse, dout, scale, causal, bias)
+        return fused(q, k, v, out, lse, dout, scale, causal, bias)
     last_backward_path = "folded"
-    return _folded_bwd(q, k, v, out, lse, dout, dlse, scale, causal, bias)
+    return _folded_bwd(q, k, v, out, lse, dout, dlse, scale, causal, bias, fused)
 
 
 def _fused_cpu_bwd(q, k, v, out, lse, dout, scale, causal, bias):
@@ -129,9 +200,9 @@ def _fused_cpu_bwd(q, k, v, out, lse, dout, scale, causal, bias):
     )
 
 
-def _folded_bwd(q, k, v, out, lse, dout, dlse, scale, causal, bias):
-    """The fused backward with a gradient on lse folded in exactly (and head sizes of q
-    and v that differ).
+def _folded_bwd(q, k, v, out, lse, dout, dlse, scale, causal, bias, fused=_fused_cpu_bwd):
+    """A fused backward (``fused``, the CPU one by default) with a gradient on lse folded
+    in exactly, and head sizes of q and v that differ or are not multiples of 8.
 
     The backward of softmax attention is dS = P * (dP - delta) with
     delta = rowsum(dO * O) - dlse, and the fused kernel computes delta from the (dO, O)
@@ -139,23 +210,15 @@ def _folded_bwd(q, k, v, out, lse, dout, dlse, scale, causal, bias):
     dO' = [dO, -dlse], and q, k get zero columns (scores unchanged); every tensor is
     padded to one head size, a multiple of 8. The gradients are sliced back."""
     D, Dv = q.shape[-1], v.shape[-1]
-    width = max(D, Dv + (dlse is not None))
-    width = -(-width // 8) * 8
-
-    def padded(t: Tensor, column: Tensor | float | None = None) -> Tensor:
-        extra = t.new_zeros(*t.shape[:-1], width - t.shape[-1])
-        if column is not None:
-            extra[..., 0] = column
-        return torch.cat([t, extra], dim=-1)  # (..., width)
-
     fold = dlse is not None
-    dq, dk, dv = _fused_cpu_bwd(
-        padded(q),
-        padded(k),
-        padded(v),
-        padded(out.to(q.dtype), 1.0 if fold else None),
+    width = _cuda.round_up(max(D, Dv + fold), 8)
+    dq, dk, dv = fused(
+        _cuda.pad_head(q, width),
+        _cuda.pad_head(k, width),
+        _cuda.pad_head(v, width),
+        _cuda.pad_head(out.to(q.dtype), width, 1.0 if fold else None),
         lse,
-        padded(dout.to(q.dtype), -dlse.to(q.dtype) if fold else None),
+        _cuda.pad_head(dout.to(q.dtype), width, -dlse.to(q.dtype) if fold else None),
         scale,
         causal,
         bias,
