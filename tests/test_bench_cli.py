@@ -147,6 +147,10 @@ def test_bench_train_smoke(tmp_path, capsys):
             "128",
             "--steps",
             "1",
+            "--checkpointing",
+            "off,layer",
+            "--token-chunk",
+            "16",
             "--out",
             str(out),
         ],
@@ -154,11 +158,13 @@ def test_bench_train_smoke(tmp_path, capsys):
     )
     assert rc == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {(r["pattern"], r["context"]) for r in rows} == {
-        (p, c) for p in ("dense", "dilated", "sliding") for c in (32, 64)
+    assert {(r["series"], r["context"]) for r in rows} == {
+        (p + s, c) for p in ("dense", "dilated", "sliding") for s in ("", "+ckpt") for c in (32, 64)
     }
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows)
-    assert [r["batch"] for r in rows if r["pattern"] == "dense"] == [4, 2]
+    assert all(r["bytes_per_token"] is not None for r in rows)
+    assert {r["token_chunk"] for r in rows if r["checkpointing"] == "layer"} == {16}
+    assert [r["batch"] for r in rows if r["series"] == "dense"] == [4, 2]
     summary = json.loads((out / "summary.json").read_text())
     assert "dilated_over_dense_tokens_per_s_64" in summary
     assert (out / "train.png").stat().st_size > 1000
@@ -168,6 +174,9 @@ def test_bench_train_smoke(tmp_path, capsys):
 def test_bench_train_bad_pattern(tmp_path, capsys):
     rc, _, err = _run(["bench", "train", "--patterns", "moe", "--out", str(tmp_path)], capsys)
     assert rc == 2 and "unknown pattern" in err
+    argv = ["bench", "train", "--checkpointing", "full", "--out", str(tmp_path)]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and "--checkpointing" in err
 
 
 def test_bench_colt5_smoke(tmp_path, capsys):

@@ -1,10 +1,14 @@
 """``longctx bench train``: training tokens/s and peak memory vs context length for one
-model size with dense, dilated (LongNet) and sliding-window attention.
+model size with dense, dilated (LongNet) and sliding-window attention, with and without
+activation checkpointing.
 
 Each step trains on a fixed number of tokens (``--tokens-per-step``, batch = that /
 context, at least 1) so every context length does comparable work per step. A case whose
-predicted step time exceeds ``--budget`` seconds is recorded as skipped (with the
-prediction), which is how the dense model's quadratic cost shows at long contexts.
+predicted step time exceeds ``--budget`` seconds (or whose predicted memory exceeds what
+is free) is recorded as skipped with the prediction, which is how the dense model's
+quadratic cost shows at long contexts. ``--checkpointing off,layer`` runs each pattern
+plain and with ``train.activation_checkpointing = "layer"`` plus ``--token-chunk``
+(``DecoderLM.set_activation_checkpointing``); every row reports peak memory per token.
 """
 
 from __future__ import annotations
@@ -49,6 +53,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--tokens-per-step", type=int, default=16384)
     p.add_argument("--steps", type=int, default=2, help="timed steps per case (after 1 warm-up)")
+    p.add_argument(
+        "--checkpointing",
+        default="off",
+        help="comma-separated subset of off,layer: a series per pattern and choice",
+    )
+    p.add_argument(
+        "--token-chunk",
+        type=int,
+        default=16384,
+        help="tokens per slice of the per-token work in the checkpointed series",
+    )
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     common.add_device_option(p)
     p.add_argument(
@@ -67,9 +82,15 @@ def run(args) -> list[dict]:
     unknown = [p for p in names if p not in PATTERNS]
     if unknown or not names:
         raise ValueError(f"unknown pattern(s) {unknown}; choose from {list(PATTERNS)}")
-    for flag in ("d_model", "layers", "heads", "tokens_per_step", "steps"):
+    for flag in ("d_model", "layers", "heads", "tokens_per_step", "steps", "token_chunk"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    modes = [m.strip() for m in args.checkpointing.split(",") if m.strip()]
+    if not modes or any(m not in ("off", "layer") for m in modes):
+        raise ValueError(
+            f"--checkpointing must list 'off' and/or 'layer', got {args.checkpointing!r}"
+        )
+    series = [(name, mode) for name in names for mode in modes]
     contexts = powers_of_two(
         args.min_context, args.max_context, minimum=16, names="--min-context/--max-context"
     )
@@ -85,10 +106,10 @@ def run(args) -> list[dict]:
         for name in names
     }
     rows = common.sweep(
-        names,
+        series,
         contexts,
-        lambda name, ctx: _row(name, cfgs[name], ctx, args, info),
-        lambda name, ctx, row: _measure(cfgs[name], ctx, row, args, device),
+        lambda s, ctx: _row(s, cfgs[s[0]], ctx, args, info),
+        lambda s, ctx, row: _measure(cfgs[s[0]], ctx, row, args, device),
         budget=args.budget,
         device=device,
         cost="train_flops_per_step",
@@ -102,14 +123,19 @@ def run(args) -> list[dict]:
     return rows
 
 
-def _row(name: str, cfg: ModelConfig, ctx: int, args, info: dict) -> dict:
+def _row(series: tuple[str, str], cfg: ModelConfig, ctx: int, args, info: dict) -> dict:
+    name, mode = series
     batch = max(1, args.tokens_per_step // ctx)
     model = DecoderLM(cfg)
     fpt = model.flops_per_token(ctx)
     tokens = batch * ctx
+    checkpointed = mode == "layer"
     return {
         "bench": "train",
         "pattern": name,
+        "checkpointing": mode,
+        "token_chunk": args.token_chunk if checkpointed else 0,
+        "series": f"{name}+ckpt" if checkpointed else name,
         "context": ctx,
         "batch": batch,
         "tokens_per_step": tokens,
@@ -117,8 +143,9 @@ def _row(name: str, cfg: ModelConfig, ctx: int, args, info: dict) -> dict:
         "parameters": model.num_params(),
         "bf16": args.bf16,
         "train_flops_per_step": fpt["train"] * tokens * (args.steps + 1),
-        # activations grow with tokens per step x layers; a proxy for memory prediction
-        "activation_proxy": tokens * cfg.d_model * cfg.n_layers * 64,
+        # activations grow with tokens per step (x layers unless recomputed); a proxy for
+        # memory prediction (the sweep scales the previous case's peak by its ratio)
+        "activation_proxy": tokens * cfg.d_model * (8 if checkpointed else 64 * cfg.n_layers),
         "machine": info,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -129,6 +156,7 @@ def _measure(cfg: ModelConfig, ctx: int, row: dict, args, device: torch.device) 
     g = torch.Generator().manual_seed(args.seed)
     with common.PeakMemory(device) as mem:
         model = DecoderLM(cfg).to(device)
+        model.set_activation_checkpointing(row["checkpointing"], row["token_chunk"])
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x = torch.randint(0, 256, (row["batch"], ctx + 1), generator=g).to(device)
 
@@ -157,31 +185,50 @@ def _measure(cfg: ModelConfig, ctx: int, row: dict, args, device: torch.device) 
         peak_mem_bytes=peak,
         peak_mem_gib=peak / 2**30,
         peak_mem_over_start=peak - mem.start_rss,
+        bytes_per_token=(peak - mem.start_rss) / row["tokens_per_step"],
     )
 
 
 COLUMNS = [
-    ("pattern", "pattern", ""),
+    ("series", "series", ""),
     ("context", "context", ","),
     ("batch", "batch", ""),
     ("step s", "step_s", ".3f"),
     ("tokens/s", "tokens_per_s", ",.0f"),
     ("peak mem GiB", "peak_mem_gib", ".2f"),
+    ("bytes/token", "bytes_per_token", ",.0f"),
     ("status", "status", ""),
 ]
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Dilated over dense tokens/s at each context both measured."""
+    """Dilated over dense tokens/s at each context both measured (plain series); per
+    series, tokens/s and bytes per token at the longest measured context relative to
+    16k and 64k."""
     lines = [""]
     out: dict = {}
-    by = {(r["pattern"], r["context"]): r for r in rows if r["status"] == "ok"}
+    by = {(r["series"], r["context"]): r for r in rows if r["status"] == "ok"}
     for ctx in sorted({r["context"] for r in rows}):
         dense, dil = by.get(("dense", ctx)), by.get(("dilated", ctx))
         if dense and dil:
             ratio = dil["tokens_per_s"] / dense["tokens_per_s"]
             out[f"dilated_over_dense_tokens_per_s_{ctx}"] = ratio
             lines.append(f"context {ctx:,}: dilated trains {ratio:.1f}x the tokens/s of dense")
+    for series in sorted({r["series"] for r in rows}):
+        ok = sorted((r for r in rows if r["series"] == series and r["status"] == "ok"),
+                    key=lambda r: r["context"])  # fmt: skip
+        if not ok:
+            continue
+        top = ok[-1]
+        for ref_ctx, key, what in ((16384, "tokens_per_s", "tokens/s"),
+                                   (65536, "bytes_per_token", "bytes/token")):  # fmt: skip
+            ref = by.get((series, ref_ctx))
+            if ref and top["context"] > ref_ctx:
+                ratio = top[key] / ref[key]
+                out[f"{series}_{key}_{top['context']}_over_{ref_ctx}"] = ratio
+                lines.append(
+                    f"{series}: {what} at {top['context']:,} = {ratio:.2f}x that at {ref_ctx:,}"
+                )
     out["lines"] = lines
     return out
 
@@ -195,8 +242,12 @@ def plot(rows: list[dict], path: Path, info: dict) -> Path:
         path,
         x="context",
         xlabel="context length",
-        panels=[("tokens_per_s", "training tokens/s"), ("peak_mem_gib", "peak memory (GiB)")],
-        series=lambda r: (r["pattern"], r["pattern"], False),
+        panels=[
+            ("tokens_per_s", "training tokens/s"),
+            ("peak_mem_gib", "peak memory (GiB)"),
+            ("bytes_per_token", "peak memory over the start, bytes per token"),
+        ],
+        series=lambda r: (r["series"], r["pattern"], r["checkpointing"] == "layer"),
         title=(
             f"training throughput, d_model={m['d_model']} layers={m['n_layers']} "
             f"heads={m['n_heads']}, {r0['tokens_per_step']:,} tokens/step, on "

@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import NgramEmbedding, RMSNorm, Router
+from ..nn import MultiHeadAttention, NgramEmbedding, RMSNorm, Router
+from ..nn.chunking import recompute, token_chunks
 from ..nn.state import ModelState
 from .config import ModelConfig
 
 # names of the routers in a block, as logged ("layer{i}.<name>")
 _ROUTER_NAMES = {"ffn.router": "ffn", "attn.q_router": "attn_q", "attn.kv_router": "attn_kv"}
+CHECKPOINTING = ("off", "layer")
 
 
 @dataclass
@@ -39,7 +41,13 @@ class LossTerms:
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then + ffn(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then + ffn(norm(x)).
+
+    ``recompute``: the block's activations are recomputed in backward (when it holds no
+    state: a state's writes must not be replayed). ``token_chunk``: its per-token work
+    (norms, projections, a per-token feed-forward) runs in slices of that many tokens,
+    each recomputed in backward. Both are set by
+    :meth:`DecoderLM.set_activation_checkpointing`."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
@@ -47,11 +55,25 @@ class DecoderBlock(nn.Module):
         self.attn = cfg.attention.build(cfg.d_model, cfg.n_heads, layer, rope_base=cfg.rope_base)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = cfg.ffn.build(cfg.d_model, cfg.hidden)
+        self.recompute = False
+        self.token_chunk = 0
 
     def forward(self, x: Tensor, positions: Tensor, state=None) -> Tensor:
         """x (B, N, C) at ``positions`` (N,); ``state``: this layer's state or None."""
-        x = x + self.attn(self.attn_norm(x), positions, state)
-        return x + self.ffn(self.ffn_norm(x))
+        if self.recompute and state is None:
+            return recompute(self._forward, x, positions)
+        return self._forward(x, positions, state)
+
+    def _forward(self, x: Tensor, positions: Tensor, state=None) -> Tensor:
+        if isinstance(self.attn, MultiHeadAttention):  # the norm is chunked with its input
+            x = x + self.attn(x, positions, state, pre=self.attn_norm)
+        else:
+            x = x + self.attn(self.attn_norm(x), positions, state)
+        chunk = self.token_chunk if getattr(self.ffn, "per_token", False) else 0
+        return x + token_chunks(self._ffn, (x,), (1,), chunk, 1, recomputed=chunk > 0)
+
+    def _ffn(self, x: Tensor) -> Tensor:
+        return self.ffn(self.ffn_norm(x))
 
 
 class DecoderLM(nn.Module):
@@ -69,6 +91,7 @@ class DecoderLM(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # layers that keep a state even in a plain forward (memory)
         self.needs_state = any(getattr(b.attn, "needs_state", False) for b in self.blocks)
+        self.token_chunk = 0  # see set_activation_checkpointing
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -98,14 +121,35 @@ class DecoderLM(nn.Module):
         start: int | None = None,
         last_only: bool = False,
     ) -> Tensor:
-        """tokens (B, N) int64 -> logits (B, N, vocab) (float32); with ``last_only``, the
-        last position's only (B, 1, vocab).
+        """tokens (B, N) int64 -> logits (B, N, vocab) (float32, or float64 for a float64
+        model); with ``last_only``, the last position's only (B, 1, vocab).
 
         The tokens sit at positions start..start+N-1: ``start`` defaults to what ``state``
         holds (0 without one). ``state`` (from :meth:`new_state`) continues earlier calls
         (prefill chunks, decoded tokens, memory windows) and is updated in place; a memory
         model without one gets a fresh memory. ``positions`` (N,): explicit global
         positions of the tokens (sequence parallelism), stateless only."""
+        x = self.hidden_states(tokens, state, positions=positions, start=start)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.head(x)
+
+    def head(self, x: Tensor) -> Tensor:
+        """Logits (B, N, vocab) of the last block's output x (B, N, C): the final norm and
+        the tied output embedding; float32 (float64 for a float64 model)."""
+        logits = F.linear(self.norm(x), self.embed.weight)
+        return logits if logits.dtype == torch.float64 else logits.float()
+
+    def hidden_states(
+        self,
+        tokens: Tensor,
+        state: ModelState | None = None,
+        *,
+        positions: Tensor | None = None,
+        start: int | None = None,
+    ) -> Tensor:
+        """The last block's output (B, N, C) before the head (arguments as
+        :meth:`forward`)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32):
@@ -141,9 +185,7 @@ class DecoderLM(nn.Module):
             for block, layer_state in zip(self.blocks, state.layers):
                 x = block(x, positions, layer_state)
             state.length = start + N
-        if last_only:
-            x = x[:, -1:]  # (B, 1, C)
-        return F.linear(self.norm(x), self.embed.weight).float()  # tied head, (B, N, V)
+        return x
 
     def _check_ngram(self, start: int, positions: Tensor | None, history: Tensor | None) -> None:
         if self.ngram is None:
@@ -181,6 +223,28 @@ class DecoderLM(nn.Module):
             if history is not None:
                 NgramEmbedding.advance(history, tokens)
         return x
+
+    def set_activation_checkpointing(self, mode: str = "off", token_chunk: int = 0) -> None:
+        """How training trades compute for memory (``[train]`` keys of the same names).
+
+        ``mode="layer"``: each block without a state is recomputed in backward, so only
+        its input is kept between forward and backward. ``token_chunk`` > 0: the per-token
+        work (norms, projections, rotary positions, a per-token feed-forward, the LM head
+        and loss) runs in slices of that many tokens, each recomputed in backward, so no
+        (N, hidden) or (N, vocab) tensor exists for all N at once. Results are those of
+        the plain step up to float rounding order."""
+        if mode not in CHECKPOINTING:
+            raise ValueError(
+                f"activation checkpointing must be one of {CHECKPOINTING}, got {mode!r}"
+            )
+        if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk < 0:
+            raise ValueError(f"token_chunk must be an integer >= 0 (0: off), got {token_chunk!r}")
+        for block in self.blocks:
+            block.recompute = mode == "layer"
+            block.token_chunk = token_chunk
+            if isinstance(block.attn, MultiHeadAttention):
+                block.attn.token_chunk = token_chunk
+        self.token_chunk = token_chunk
 
     # ------------------------------------------------------------------ state
 
@@ -237,16 +301,26 @@ class DecoderLM(nn.Module):
         positions of a sequence shard. ``normalizer``: the number of targets the
         cross-entropy is averaged over (default: this call's; a sequence shard passes the
         whole batch's, so that the shards' terms sum to the batch's)."""
-        logits = self(tokens, state, positions=positions)  # (B, N, V)
-        flat, y = logits.view(-1, logits.shape[-1]), targets.reshape(-1)
-        if normalizer is None:
-            lm = F.cross_entropy(flat, y)
+        x = self.hidden_states(tokens, state, positions=positions)  # (B, N, C)
+        if self.token_chunk:
+            nll = token_chunks(self._nll_sum, (x, targets), (1, 1), self.token_chunk, 0).sum()
+            lm = nll / (normalizer if normalizer is not None else (targets != -100).sum())
         else:
-            lm = F.cross_entropy(flat, y, reduction="sum") / normalizer
+            logits = self.head(x)  # (B, N, V)
+            flat, y = logits.view(-1, logits.shape[-1]), targets.reshape(-1)
+            if normalizer is None:
+                lm = F.cross_entropy(flat, y)
+            else:
+                lm = F.cross_entropy(flat, y, reduction="sum") / normalizer
         aux = [r.aux_loss for r in self.routers().values() if r.aux_loss is not None]
         router_aux = torch.stack(aux).sum() if aux else None
         total = lm if router_aux is None else lm + self.cfg.colt5_aux_weight * router_aux
         return LossTerms(lm, router_aux, total)
+
+    def _nll_sum(self, x: Tensor, targets: Tensor) -> Tensor:
+        """Summed cross-entropy (shape (1,)) of a slice: x (B, n, C), targets (B, n)."""
+        logits = self.head(x)
+        return F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), reduction="sum")[None]
 
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
         """Training objective: mean cross-entropy (nats per token) of predicting targets

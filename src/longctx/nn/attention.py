@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .chunking import token_chunks
 from .patterns import Kernel, Pattern, make_pattern
 from .rotary import apply_rotary
 from .state import LayerState
@@ -26,7 +27,9 @@ class MultiHeadAttention(nn.Module):
         y = attn(x_chunk, state=state)                       # prefill, then token by token
 
     ``kernel`` is the whole-sequence attention (q, k, v) -> out, the pattern's by
-    default; sequence parallelism replaces it with a distributed one."""
+    default; sequence parallelism replaces it with a distributed one. ``token_chunk``
+    (default 0: off) runs the per-token work (``pre``, projections, rotary positions) in
+    slices of that many tokens, recomputed in backward (:mod:`longctx.nn.chunking`)."""
 
     def __init__(
         self,
@@ -50,6 +53,7 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = dim // n_heads
         self.rope_base = rope_base
         self.kernel: Kernel = self.pattern.kernel
+        self.token_chunk = 0
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
@@ -63,21 +67,44 @@ class MultiHeadAttention(nn.Module):
         state: LayerState | None = None,
         *,
         start: int = 0,
+        pre=None,
     ) -> Tensor:
         """x (B, N, C) at ``positions`` (N,) (default start..start+N-1, or from the state).
         Without a state: the whole-sequence ``kernel``. With one (from :meth:`new_state`):
-        x continues what the state holds (a prefill chunk or decoded tokens)."""
-        B, N, C = x.shape
+        x continues what the state holds (a prefill chunk or decoded tokens). ``pre``: a
+        per-token function applied to x first (a block's norm), chunked with the
+        projections."""
+        N = x.shape[1]
         if positions is None:
             first = start if state is None else state.length
             positions = torch.arange(first, first + N, device=x.device)
-        qkv = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim)  # (B, N, 3, H, Dh)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, N, Dh) each
+        chunk, chunked = self.token_chunk, self.token_chunk > 0
+        q, k, v = token_chunks(
+            lambda xc, pc: self._project(xc, pc, pre),
+            (x, positions),
+            (1, -1),
+            chunk,
+            2,
+            recomputed=chunked,
+        )  # (B, H, N, Dh) each
+        y = self.kernel(q, k, v) if state is None else self.pattern.attend(q, k, v, state)
+        return token_chunks(self._output, (y,), (2,), chunk, 1, recomputed=chunked)
+
+    def _project(self, x: Tensor, positions: Tensor, pre=None) -> tuple[Tensor, Tensor, Tensor]:
+        """(q, k, v), each (B, H, n, Dh), of n tokens (rotary positions applied)."""
+        if pre is not None:
+            x = pre(x)
+        B, n, _ = x.shape
+        qkv = self.qkv(x).view(B, n, 3, self.n_heads, self.head_dim)  # (B, n, 3, H, Dh)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, n, Dh) each
         q = apply_rotary(q, positions, self.rope_base)
         k = apply_rotary(k, positions, self.rope_base)
-        y = self.kernel(q, k, v) if state is None else self.pattern.attend(q, k, v, state)
-        y = y.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
-        return self.proj(y)
+        return q, k, v
+
+    def _output(self, y: Tensor) -> Tensor:
+        """The output projection of attention results y (B, H, n, Dh) -> (B, n, C)."""
+        B, H, n, Dh = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, n, H * Dh))
 
     def new_state(
         self,

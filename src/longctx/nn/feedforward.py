@@ -19,6 +19,8 @@ from ..config import Registry
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x) (Shazeer 2020, "GLU Variants Improve Transformer")."""
 
+    per_token = True  # each token's output depends on that token alone (may be chunked)
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w13 = nn.Linear(dim, 2 * hidden, bias=False)  # gate and up in one matmul
@@ -35,7 +37,9 @@ class FeedForwardKind:
     kind: ClassVar[str] = ""
 
     def build(self, dim: int, hidden: int) -> nn.Module:
-        """The feed-forward module of one layer, x (B, N, C) -> (B, N, C)."""
+        """The feed-forward module of one layer, x (B, N, C) -> (B, N, C). A module whose
+        output at each token depends on that token alone says so with a class attribute
+        ``per_token = True``; training may then run it in token chunks."""
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:

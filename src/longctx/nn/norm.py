@@ -5,7 +5,8 @@ from torch import Tensor, nn
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 (Zhang & Sennrich 2019)."""
+    """x / rms(x) * weight, computed in float32 (float64 for float64 input) (Zhang &
+    Sennrich 2019)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -13,6 +14,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = x.to(cd)
         y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(cd)).to(x.dtype)

@@ -81,6 +81,11 @@ class TrainConfig:
     save_every: int = 250
     keep_checkpoints: int = 2
     threads: int = 0  # 0 = torch's default
+    # "layer": recompute each block in backward (memory for compute; "off" keeps all)
+    activation_checkpointing: str = "off"
+    # tokens per slice of the per-token work (norms, projections, FFN, LM head and loss),
+    # each recomputed in backward; 0 = one slice
+    token_chunk: int = 0
     crossbatch: CrossbatchConfig = field(default_factory=CrossbatchConfig)
 
     def __post_init__(self):
@@ -105,9 +110,15 @@ class TrainConfig:
             "grad_clip",
             "eval_every",
             "threads",
+            "token_chunk",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.activation_checkpointing not in ("off", "layer"):
+            raise ValueError(
+                "train.activation_checkpointing must be 'off' or 'layer', got "
+                f"{self.activation_checkpointing!r}"
+            )
         if not self.lr > 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -123,6 +123,7 @@ class Trainer:
         )
         torch.manual_seed(tc.seed)
         self.model = DecoderLM(cfg.model).to(self.device)  # initialised on the CPU: any device
+        self.model.set_activation_checkpointing(tc.activation_checkpointing, tc.token_chunk)
         self.par.prepare(self.model)
         self.opt = build_optimizer(self.model, tc)
         self.step, self.tokens = 0, 0
