@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .._util import powers_of_two, resolve_device
+from .._util import parse_numbers, powers_of_two, resolve_device
 from ..model import DecoderLM, ModelConfig
 from . import common
 
@@ -48,11 +48,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--min-context", type=int, default=2048)
     p.add_argument("--max-context", type=int, default=65536)
+    p.add_argument(
+        "--contexts",
+        default=None,
+        help="comma-separated context lengths (increasing) instead of the powers of two "
+        "from --min-context to --max-context",
+    )
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--tokens-per-step", type=int, default=16384)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per case (after 1 warm-up)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per case")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed steps before them (0: time the first step too; fine for long steps)",
+    )
     p.add_argument(
         "--checkpointing",
         default="off",
@@ -91,9 +103,16 @@ def run(args) -> list[dict]:
             f"--checkpointing must list 'off' and/or 'layer', got {args.checkpointing!r}"
         )
     series = [(name, mode) for name in names for mode in modes]
-    contexts = powers_of_two(
-        args.min_context, args.max_context, minimum=16, names="--min-context/--max-context"
-    )
+    if args.warmup < 0:
+        raise ValueError("--warmup must be >= 0")
+    if args.contexts:
+        contexts = parse_numbers(args.contexts, int, "--contexts", positive=True)
+        if contexts != sorted(set(contexts)) or min(contexts) < 16:
+            raise ValueError(f"--contexts must increase and be >= 16, got {args.contexts!r}")
+    else:
+        contexts = powers_of_two(
+            args.min_context, args.max_context, minimum=16, names="--min-context/--max-context"
+        )
     device = resolve_device(args.device)
     info = common.machine_info(device)
     out_dir: Path = args.out
@@ -142,7 +161,7 @@ def _row(series: tuple[str, str], cfg: ModelConfig, ctx: int, args, info: dict) 
         "model": cfg.to_dict(),
         "parameters": model.num_params(),
         "bf16": args.bf16,
-        "train_flops_per_step": fpt["train"] * tokens * (args.steps + 1),
+        "train_flops_per_step": fpt["train"] * tokens * (args.steps + args.warmup),
         # activations grow with tokens per step (x layers unless recomputed); a proxy for
         # memory prediction (the sweep scales the previous case's peak by its ratio)
         "activation_proxy": tokens * cfg.d_model * (8 if checkpointed else 64 * cfg.n_layers),
@@ -168,7 +187,8 @@ def _measure(cfg: ModelConfig, ctx: int, row: dict, args, device: torch.device) 
             opt.zero_grad(set_to_none=True)
 
         t0 = time.perf_counter()
-        step()  # warm-up
+        for _ in range(args.warmup):
+            step()
         common.synchronize(device)
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()

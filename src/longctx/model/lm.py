@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..nn import MultiHeadAttention, NgramEmbedding, RMSNorm, Router
-from ..nn.chunking import recompute, token_chunks
+from ..nn.chunking import token_chunks
 from ..nn.state import ModelState
 from .config import ModelConfig
 
@@ -57,11 +58,18 @@ class DecoderBlock(nn.Module):
         self.ffn = cfg.ffn.build(cfg.d_model, cfg.hidden)
         self.recompute = False
         self.token_chunk = 0
+        self.routed = any(isinstance(m, Router) for m in self.modules())
 
     def forward(self, x: Tensor, positions: Tensor, state=None) -> Tensor:
         """x (B, N, C) at ``positions`` (N,); ``state``: this layer's state or None."""
-        if self.recompute and state is None:
-            return recompute(self._forward, x, positions)
+        if self.recompute and state is None and torch.is_grad_enabled():
+            if self.routed:
+                # routers leave their auxiliary losses for the objective: the forward must
+                # record them, so it runs under autograd (which then keeps nothing)
+                return checkpoint(self._forward, x, positions, use_reentrant=False)
+            # the forward runs without autograd (nested token chunks keep nothing either);
+            # backward reruns it with autograd, chunks recomputed one at a time
+            return checkpoint(self._forward, x, positions, use_reentrant=True)
         return self._forward(x, positions, state)
 
     def _forward(self, x: Tensor, positions: Tensor, state=None) -> Tensor:

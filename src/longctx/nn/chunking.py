@@ -44,10 +44,10 @@ def token_chunks(
     call = (lambda *a: recompute(fn, *a)) if recomputed else fn
     if chunk <= 0 or chunk >= n:
         return call(*args)
-    parts = [
-        call(*(a.narrow(d, s, min(chunk, n - s)) for a, d in zip(args, dims, strict=True)))
-        for s in range(0, n, chunk)
-    ]
+    # split, not one narrow per slice: the backward of a split assembles the input's
+    # gradient once, where each narrow's backward would allocate a full-size gradient
+    pieces = [a.split(chunk, dim=d) for a, d in zip(args, dims, strict=True)]
+    parts = [call(*slices) for slices in zip(*pieces, strict=True)]
     if isinstance(parts[0], Tensor):
         return torch.cat(parts, dim=out_dims)
     out_dims = [out_dims] * len(parts[0]) if isinstance(out_dims, int) else out_dims
