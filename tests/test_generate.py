@@ -1,9 +1,14 @@
-"""Generation: the three cache policies against the full forward pass."""
+"""Generation: the four cache policies against the full forward pass."""
+
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from longctx.model import DecoderLM, ModelConfig, generate
+from longctx.model.recompute import recompute_logits
 from longctx.nn import DilatedKVCache, KVCache
 
 DILATED_TABLE = {"kind": "dilated", "segment_lengths": [4, 8, 16], "dilation_rates": [1, 2, 4]}
@@ -36,15 +41,22 @@ def _check_logits_match_full_forward(model, prompt, gen, atol):
     ],
     ids=["dense", "dilated", "dilated-torchscale", "sliding", "dense-ngram"],
 )
-@pytest.mark.parametrize("policy", ["full", "dilated", "none"])
+@pytest.mark.parametrize("policy", ["full", "dilated", "none", "recompute"])
 @pytest.mark.parametrize("prompt_len", [1, 5, 16, 37])
 def test_logits_equal_full_forward_float64(kw, policy, prompt_len):
     # 40 new tokens cross many segment boundaries of every branch (w = 4, 8, 16);
-    # prompt 37 is prefilled in chunks of 16 (the lcm) + 5
+    # prompt 37 is prefilled in chunks of 16 (the lcm) + 5; recompute streams chunks of 11
     model = _model(**kw)
     prompt = torch.randint(0, 256, (prompt_len,), generator=torch.Generator().manual_seed(1))
     gen = generate(
-        model, prompt.tolist(), 40, cache=policy, temperature=0, prefill=16, return_logits=True
+        model,
+        prompt.tolist(),
+        40,
+        cache=policy,
+        temperature=0,
+        prefill=16,
+        return_logits=True,
+        recompute_chunk=11,
     )
     _check_logits_match_full_forward(model, prompt.tolist(), gen, 1e-10)
 
@@ -54,9 +66,10 @@ def test_float32_and_all_policies_agree_greedily():
     prompt = list(range(60, 90))
     gens = {
         p: generate(model, prompt, 48, cache=p, temperature=0, return_logits=True)
-        for p in ("full", "dilated", "none")
+        for p in ("full", "dilated", "none", "recompute")
     }
     assert gens["full"].tokens == gens["dilated"].tokens == gens["none"].tokens
+    assert gens["recompute"].tokens == gens["full"].tokens
     _check_logits_match_full_forward(model, prompt, gens["dilated"], 1e-4)
 
 
@@ -73,6 +86,47 @@ def test_dilated_cache_bytes_constant_in_context_length():
     assert cache.nbytes == 2 * 4 * (4 + 4 + 4) * 8 * 4
     assert long.cache_bytes[0] == 2 * cache.nbytes  # two layers
     assert generate(model, [1], 2, cache="none", temperature=0).cache_bytes == [0, 0]
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated (and still alive) under the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def _free(self, ptr):
+        self.now -= self.live.pop(ptr, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if st.data_ptr() not in self.live and st.nbytes():
+                    self.live[st.data_ptr()] = st.nbytes()
+                    self.now += st.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(st, self._free, st.data_ptr())
+        return out
+
+
+@pytest.mark.parametrize("kw", [DILATED, dict(attention={"kind": "sliding_window", "window": 5})])
+def test_recompute_peak_memory_does_not_grow_with_the_context(kw):
+    model = _model(torch.float32, **kw)
+    peaks = []
+    for n in (48, 192):
+        tokens = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(0))
+        with _LiveBytes() as mem:
+            recompute_logits(model, tokens, chunk=16)
+        peaks.append(mem.peak)
+    # 4x the context: the same peak up to which chunk tensors happen to be alive together
+    assert peaks[0] > 0 and abs(peaks[1] - peaks[0]) <= 0.02 * peaks[0]
+    # the policy refuses layers it cannot stream
+    colt5 = DecoderLM(ModelConfig(d_model=32, n_layers=1, n_heads=4, attention="colt5"))
+    with pytest.raises(ValueError, match="recompute"):
+        generate(colt5, [1, 2], 2, cache="recompute")
 
 
 def test_sampling_is_seeded_and_filters_work():
@@ -135,7 +189,7 @@ def test_cli_generate_streams_text(tmp_path, capsys):
     )
     stats = tmp_path / "stats.jsonl"
     outs = {}
-    for policy in ("full", "dilated", "none"):
+    for policy in ("full", "dilated", "none", "recompute"):
         rc = cli.main(
             [
                 "generate",
@@ -157,9 +211,9 @@ def test_cli_generate_streams_text(tmp_path, capsys):
         captured = capsys.readouterr()
         outs[policy] = captured.out
         assert "12 tokens" in captured.err and f"({policy})" in captured.err
-    assert outs["full"] == outs["dilated"] == outs["none"]
+    assert outs["full"] == outs["dilated"] == outs["none"] == outs["recompute"]
     lines = stats.read_text().splitlines()
-    assert len(lines) == 12 and '"cache_bytes": 0' in lines[0]  # the last run: none
+    assert len(lines) == 12 and '"cache_bytes": 0' in lines[0]  # the last run: recompute
     prompt_file = tmp_path / "p.txt"
     prompt_file.write_text("")
     assert cli.main(["generate", str(run), "--prompt-file", str(prompt_file)]) == 2
@@ -184,6 +238,10 @@ def test_bench_generate_smoke(tmp_path, capsys):
             "1024",
             "--tokens",
             "2",
+            "--policies",
+            "full,dilated,none,recompute",
+            "--recompute-chunk",
+            "256",
             "--out",
             str(out),
         ]
@@ -191,7 +249,7 @@ def test_bench_generate_smoke(tmp_path, capsys):
     assert rc == 0
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert {(r["policy"], r["context"]) for r in rows} == {
-        (p, n) for p in ("full", "dilated", "none") for n in (512, 1024)
+        (p, n) for p in ("full", "dilated", "none", "recompute") for n in (512, 1024)
     }
     assert all(r["status"] == "ok" for r in rows)
     dil = [r["cache_bytes"] for r in rows if r["policy"] == "dilated"]
@@ -199,4 +257,5 @@ def test_bench_generate_smoke(tmp_path, capsys):
     assert dil[0] == dil[1] and full[1] > full[0] > dil[0]
     summary = json.loads((out / "summary.json").read_text())
     assert "dilated_over_full_cache_bytes_1024" in summary
+    assert "recompute_time_exponent" in summary
     assert (out / "generate.png").stat().st_size > 1000

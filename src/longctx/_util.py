@@ -151,6 +151,44 @@ def parse_numbers(text: str, kind: Callable = int, flag: str = "value", *, posit
     return values
 
 
+# ------------------------------------------------------------------------- memory
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def current_rss() -> int:
+    """The process's resident set size in bytes (0 where unknown)."""
+    return _status_kib("VmRSS") or 0
+
+
+def peak_rss() -> int:
+    """The process's peak resident set size in bytes."""
+    value = _status_kib("VmHWM")
+    if value is not None:
+        return value
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory(device) -> int:
+    """Peak bytes of this process so far on a ``torch.device``: torch's peak allocation
+    on CUDA, the peak resident set size elsewhere."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device)
+    return peak_rss()
+
+
 # ------------------------------------------------------------------------- progress
 
 

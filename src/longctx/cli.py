@@ -265,6 +265,7 @@ def _generate(args) -> int:
         prompt,
         max_new_tokens=args.max_new_tokens,
         cache=args.cache,
+        recompute_chunk=args.recompute_chunk,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -409,9 +410,16 @@ def _generate_parser(sub) -> None:
     src.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
     p.add_argument(
         "--cache",
-        choices=["full", "dilated", "none"],
+        choices=["full", "dilated", "none", "recompute"],
         default="full",
-        help="KV cache policy (dilated: bounded exact cache of dilated layers)",
+        help="KV cache policy (dilated: bounded exact cache of dilated layers; recompute: "
+        "no cache, memory flat in the context, time about (N / chunk) ** layers)",
+    )
+    p.add_argument(
+        "--recompute-chunk",
+        type=int,
+        default=256,
+        help="positions per recomputed chunk with --cache recompute",
     )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -19,6 +19,7 @@ def generate_text(
     *,
     max_new_tokens: int = 256,
     cache: str = "full",
+    recompute_chunk: int = 256,
     temperature: float = 0.8,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -31,7 +32,8 @@ def generate_text(
     device=None,
 ) -> Generation:
     """Generate from a trained run, writing the text to ``stream`` as it is produced
-    (``device``: auto, cpu, cuda or cuda:N)."""
+    (``device``: auto, cpu, cuda or cuda:N; ``cache`` and ``recompute_chunk`` as in
+    :func:`longctx.model.generate`)."""
     ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(Path(run_dir) / "checkpoints")
     model, _ = load_model(ckpt, resolve_device(device))
     ids = encode(prompt).tolist()
@@ -53,6 +55,7 @@ def generate_text(
         ids,
         max_new_tokens,
         cache=cache,
+        recompute_chunk=recompute_chunk,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import torch
 
-from .._util import Progress, append_jsonl, atomic_write, pyplot, save_figure
+from .._util import (
+    Progress,
+    append_jsonl,
+    atomic_write,
+    current_rss,
+    peak_rss,
+    pyplot,
+    save_figure,
+)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -113,31 +121,6 @@ class PeakMemory:
         return peak_rss()
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def current_rss() -> int:
-    """The process's resident set size in bytes (0 where unknown)."""
-    return _status_kib("VmRSS") or 0
-
-
-def peak_rss() -> int:
-    """The process's peak resident set size in bytes."""
-    value = _status_kib("VmHWM")
-    if value is not None:
-        return value
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def available_memory(device: torch.device) -> int:
     """Bytes a case may still use: free device memory, or available RAM."""
     if device.type == "cuda":
@@ -237,27 +220,38 @@ def human_bytes(n: float) -> str:
 
 
 def predict_skip(
-    last: dict | None, row: dict, budget: float, device: torch.device, *, cost: str, size: str
+    last: dict | None,
+    row: dict,
+    budget: float,
+    device: torch.device,
+    *,
+    cost: str,
+    size: str,
+    memory_limit: int | None = None,
 ) -> str | None:
     """Why a sweep case should be skipped, or None.
 
     Time is predicted from the previous measured case of the series scaled by the ratio
     of ``row[cost]`` (e.g. FLOPs); memory from its peak scaled by the ratio of
     ``row[size]`` (bytes that grow with the case). The first case of a series is skipped
-    only when twice ``row[size]`` exceeds the free memory.
+    only when twice ``row[size]`` exceeds the free memory. ``memory_limit`` (bytes)
+    replaces 90% of the free memory as the bound (a linear prediction overestimates when
+    the previous case's peak holds a constant part).
     """
     free = available_memory(device)
+    limit = memory_limit if memory_limit is not None else 0.9 * free
     if last is None:
         need = 2 * row[size]
-        if need > 0.9 * free:
+        if need > limit:
             return f"needs about {human_bytes(need)}, {human_bytes(free)} free"
         return None
     t = last["time_s"] * row[cost] / max(last[cost], 1)
     if t > budget:
         return f"predicted {t:.0f} s > budget {budget:.0f} s"
     need = last["peak_mem_over_start"] * row[size] / max(last[size], 1)
-    if need > 0.9 * free:
-        return f"predicted memory {human_bytes(need)} > free {human_bytes(free)}"
+    if need > limit:
+        bound, left = human_bytes(limit), human_bytes(free)
+        return f"predicted memory {human_bytes(need)} > {bound} (free {left})"
     return None
 
 
@@ -273,6 +267,7 @@ def sweep(
     size: str,
     results: Path,
     desc: str,
+    memory_limit: int | None = None,
 ) -> list[dict]:
     """Run every series over xs (increasing): build a row, skip it (and the rest of the
     series) when ``predict_skip`` says so, else ``measure`` fills it; each row is appended
@@ -287,7 +282,9 @@ def sweep(
             bar.set_postfix(case=f"{s} {x:,}")
             row = make_row(s, x)
             if stop is None:
-                stop = predict_skip(last, row, budget, device, cost=cost, size=size)
+                stop = predict_skip(
+                    last, row, budget, device, cost=cost, size=size, memory_limit=memory_limit
+                )
             if stop is not None:
                 row["status"] = "skipped: " + stop
             else:

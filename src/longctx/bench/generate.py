@@ -1,16 +1,19 @@
-"""``longctx bench generate``: per-token decoding latency and cache bytes vs context length
-for the three cache policies (full, dilated, none) of one model.
+"""``longctx bench generate``: per-token decoding latency, cache bytes and peak memory vs
+context length for the cache policies (full, dilated, none, recompute) of one model.
 
 The model is the ``longnet-small`` preset's architecture (dilated attention, paper pattern
 at 1/16 scale) with random weights: latency and memory do not depend on the weights. For
 each context N, a random prompt of N tokens is prefilled (in aligned chunks), then
 ``--tokens`` tokens are decoded greedily; the median step time is reported. A case whose
-predicted time exceeds ``--budget`` seconds is recorded as skipped.
+predicted time exceeds ``--budget`` seconds is recorded as skipped. For ``recompute`` the
+summary fits the exponent x of per-token time ~ N^x (theory: about the number of layers
+once N is many chunks).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-context", type=int, default=8192)
     p.add_argument("--max-context", type=int, default=262144)
     p.add_argument("--tokens", type=int, default=16, help="decoded tokens per case")
+    p.add_argument("--recompute-chunk", type=int, default=256, help="chunk of the recompute policy")
     p.add_argument("--budget", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-out/generate"))
@@ -45,6 +49,8 @@ def run(args) -> list[dict]:
         raise ValueError(f"unknown cache policy {bad}; choose from {CACHE_POLICIES}")
     if args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    if args.recompute_chunk < 1:
+        raise ValueError(f"--recompute-chunk must be >= 1, got {args.recompute_chunk}")
     contexts = powers_of_two(
         args.min_context, args.max_context, names="--min-context/--max-context"
     )
@@ -56,6 +62,13 @@ def run(args) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
 
+    def cost(policy: str, n: int) -> float:
+        # prefill ~ n; without a cache ~ n per decoded token; recompute ~ chunk passes
+        if policy == "recompute":
+            passes = max(1.0, n / args.recompute_chunk) ** cfg.n_layers
+            return passes * args.recompute_chunk * (args.tokens + 1)
+        return n * (args.tokens + 1 if policy == "none" else 1)
+
     def make_row(policy: str, n: int) -> dict:
         return {
             "bench": "generate",
@@ -65,8 +78,8 @@ def run(args) -> list[dict]:
             "model": cfg.to_dict(),
             "machine": info,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            # cost of a case: prefill ~ n, and without a cache ~ n per decoded token
-            "cost": n * (args.tokens + 1 if policy == "none" else 1),
+            "recompute_chunk": args.recompute_chunk if policy == "recompute" else None,
+            "cost": cost(policy, n),
             "size": n,
         }
 
@@ -89,7 +102,11 @@ def run(args) -> list[dict]:
             args.out / "generate.png",
             x="context",
             xlabel="context length",
-            panels=[("latency_ms", "per-token latency (ms)"), ("cache_mib", "cache (MiB)")],
+            panels=[
+                ("latency_ms", "per-token latency (ms)"),
+                ("cache_mib", "cache (MiB)"),
+                ("peak_mem_mib", "peak memory over the start (MiB)"),
+            ],
             series=lambda r: (r["policy"], r["policy"], False),
             title=f"decoding, {args.preset} architecture ({cfg.attention.kind}), on {info['cpu']}",
         )
@@ -105,7 +122,14 @@ def _measure(model, policy, n, row, args) -> None:
     prompt = torch.randint(0, 256, (n,), generator=g).tolist()
     t0 = time.perf_counter()
     with common.PeakMemory(model.embed.weight.device) as mem:
-        gen = generate(model, prompt, args.tokens, cache=policy, temperature=0)
+        gen = generate(
+            model,
+            prompt,
+            args.tokens,
+            cache=policy,
+            temperature=0,
+            recompute_chunk=args.recompute_chunk,
+        )
         peak = mem.peak()
     latency = statistics.median(gen.step_seconds)
     row.update(
@@ -115,9 +139,11 @@ def _measure(model, policy, n, row, args) -> None:
         latency_ms=1000 * latency,
         tokens_per_s=1 / latency,
         cache_bytes=gen.cache_bytes[-1],
-        cache_mib=gen.cache_bytes[-1] / 2**20 if policy != "none" else None,  # none: no cache
+        # none and recompute keep no cache
+        cache_mib=gen.cache_bytes[-1] / 2**20 if policy not in ("none", "recompute") else None,
         peak_mem_bytes=peak,
         peak_mem_over_start=peak - mem.start_rss,
+        peak_mem_mib=(peak - mem.start_rss) / 2**20,
     )
 
 
@@ -128,6 +154,7 @@ COLUMNS = [
     ("ms/token", "latency_ms", ".2f"),
     ("tokens/s", "tokens_per_s", ".1f"),
     ("cache MiB", "cache_mib", ".2f"),
+    ("peak MiB", "peak_mem_mib", ".1f"),
     ("status", "status", ""),
 ]
 
@@ -149,6 +176,21 @@ def summarize(rows: list[dict]) -> dict:
         lines.append(
             f"dilated per-token latency from {dil[0]['context']:,} to {dil[-1]['context']:,}: "
             f"{min(lat):.2f}-{max(lat):.2f} ms (max/min {max(lat) / min(lat):.2f}x)"
+        )
+    rec = sorted((r for r in ok.values() if r["policy"] == "recompute"), key=lambda r: r["context"])
+    if len(rec) >= 2:
+        xs = [math.log(r["context"]) for r in rec]
+        ys = [math.log(r["latency_ms"]) for r in rec]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        layers = rec[0]["model"]["n_layers"]
+        out["recompute_time_exponent"] = slope
+        peaks = [r["peak_mem_mib"] for r in rec]
+        out["recompute_peak_mem_max_over_min"] = max(peaks) / max(min(peaks), 1e-9)
+        lines.append(
+            f"recompute per-token time ~ N^{slope:.2f} from {rec[0]['context']:,} to "
+            f"{rec[-1]['context']:,} (theory for {layers} layers: about N^{layers} once N "
+            f"is many chunks); peak memory {min(peaks):.1f}-{max(peaks):.1f} MiB over the start"
         )
     out["lines"] = lines
     return out

@@ -84,6 +84,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=120.0,
         help="skip a case whose predicted time (warm-up + timed steps) exceeds this",
     )
+    p.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        default=None,
+        help="skip a case predicted to need more than this (default: 90%% of free memory)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-out/train"))
 
@@ -135,6 +141,7 @@ def run(args) -> list[dict]:
         size="activation_proxy",
         results=results,
         desc="bench train",
+        memory_limit=None if args.memory_limit_gib is None else int(args.memory_limit_gib * 2**30),
     )
     measured = any(r["status"] == "ok" for r in rows)
     draw = (lambda: plot(rows, out_dir / "train.png", info)) if measured else None

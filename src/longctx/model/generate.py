@@ -1,4 +1,4 @@
-"""Generation: one prefill/decode loop over the model's state, with three cache policies.
+"""Generation: one prefill/decode loop over the model's state, with four cache policies.
 
 - ``full``: every layer's decode state holds all its keys and values (static buffers
   written by index); CoLT5 layers hold their light window and routed keys, memory layers
@@ -7,7 +7,10 @@
   current segment's keys of the head's residue); other layers keep what ``full`` keeps,
   and the result's note says so.
 - ``none``: no state between steps; every step recomputes the forward over all tokens
-  (attention is an RNN over its history: the memory/time trade-off taken to its end).
+  (memory: one layer's activations for every token).
+- ``recompute``: no state either, and memory that does not grow with the context: each
+  step recomputes every layer's keys and values chunk by chunk from the token ids
+  (:mod:`longctx.model.recompute`; time about (N / chunk) ** L chunk passes per token).
 
 The prompt is prefilled in chunks (bounded memory; for dilated layers aligned to the lcm
 of the segment lengths), then tokens are decoded one by one. Every step's logits equal
@@ -24,8 +27,9 @@ import torch
 from torch import Tensor
 
 from .lm import DecoderLM
+from .recompute import DEFAULT_CHUNK, check_recompute, recompute_logits
 
-CACHE_POLICIES = ("full", "dilated", "none")
+CACHE_POLICIES = ("full", "dilated", "none", "recompute")
 DEFAULT_PREFILL = 1024
 
 
@@ -106,12 +110,14 @@ def generate(
     prefill: int = DEFAULT_PREFILL,
     return_logits: bool = False,
     on_token: Callable[[int], None] | None = None,
+    recompute_chunk: int = DEFAULT_CHUNK,
 ) -> Generation:
     """Continue ``tokens`` (a prompt of ids, or (B, N) tensor) by up to max_new_tokens.
 
-    ``cache``: ``full``, ``dilated`` or ``none`` (module docstring). ``temperature`` 0 is
-    greedy. ``stop``: token-id sequences; generation ends when row 0 ends with one of them
-    (included in the output). ``on_token`` is called with each new token of row 0 as it
+    ``cache``: ``full``, ``dilated``, ``none`` or ``recompute`` (module docstring;
+    ``recompute_chunk``: its chunk of positions). ``temperature`` 0 is greedy. ``stop``:
+    token-id sequences; generation ends when row 0 ends with one of them (included in
+    the output). ``on_token`` is called with each new token of row 0 as it
     is produced (streaming). ``prefill``: the prompt's chunk length.
     """
     _check_args(cache, max_new_tokens, temperature, top_k, top_p)
@@ -128,8 +134,19 @@ def generate(
     prompt = prompt.to(device)
     B, n = prompt.shape
     gen = torch.Generator(device=device).manual_seed(seed)
+    if cache == "recompute":
+        check_recompute(model)
+        if isinstance(recompute_chunk, bool) or not isinstance(recompute_chunk, int):
+            raise ValueError(f"recompute_chunk must be an integer >= 1, got {recompute_chunk!r}")
+    stateless = cache in ("none", "recompute")
+
+    def step_logits(seq: Tensor) -> Tensor:  # (B, V) of the last position, no state
+        if cache == "recompute":
+            return recompute_logits(model, seq, recompute_chunk)
+        return model(seq, last_only=True)[:, -1]
+
     state = None
-    if cache != "none":
+    if not stateless:
         state = model.new_state(B, cache=cache, capacity=n + max_new_tokens)
     note = "" if state is None else model.cache_note(cache)
     result = Generation(tokens=[], batch=prompt.new_zeros(B, 0), note=note)
@@ -137,9 +154,12 @@ def generate(
     seq = prompt  # all tokens so far: what a step without a state recomputes
 
     t0 = time.perf_counter()
-    chunk = n if state is None else prefill_chunk(model, prefill)
-    for a in range(0, n, chunk):
-        logits = model(prompt[:, a : a + chunk], state, last_only=True)[:, -1]  # (B, V)
+    if state is None:
+        logits = step_logits(prompt)  # (B, V)
+    else:
+        chunk = prefill_chunk(model, prefill)
+        for a in range(0, n, chunk):
+            logits = model(prompt[:, a : a + chunk], state, last_only=True)[:, -1]  # (B, V)
     result.prefill_seconds = time.perf_counter() - t0
 
     new: list[Tensor] = []
@@ -155,9 +175,10 @@ def generate(
         done = any(result.tokens[-len(s) :] == s for s in stops if len(result.tokens) >= len(s))
         if i + 1 < max_new_tokens and not done:
             if state is None:
-                seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
-            inputs = seq if state is None else nxt.unsqueeze(1)  # (B, N) or (B, 1)
-            logits = model(inputs, state, last_only=True)[:, -1]
+                seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)  # (B, N)
+                logits = step_logits(seq)
+            else:
+                logits = model(nxt.unsqueeze(1), state, last_only=True)[:, -1]
         result.step_seconds.append(time.perf_counter() - t)
         result.cache_bytes.append(0 if state is None else state.nbytes)
         if done:

@@ -87,6 +87,18 @@ class Pattern:
             f"pattern {self.kind!r} defines neither mask() nor its own kernel/attend/flops"
         )
 
+    def pair_counts(self, q_pos: Tensor, k_pos: Tensor, n_heads: int) -> Tensor:
+        """How many times each query at ``q_pos`` (n,) attends each key at ``k_pos`` (m,),
+        causality included: bool (n, m), or integer counts (H, n, m) when a key reaches a
+        query through several branches (dilated). The exact constant-memory decode
+        (``cache="recompute"``) streams keys under it. Generic: :meth:`mask` and causality."""
+        return self.mask(q_pos, k_pos) & (k_pos[None, :] <= q_pos[:, None])
+
+    def first_key(self, position: int) -> int:
+        """The first key position that a query at ``position`` or later can see (earlier
+        keys are never read). Generic: 0."""
+        return 0
+
     def kernel(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Causal attention of a whole sequence (positions 0..N-1): q, k, v (B, H, N, D)
         after rotary -> (B, H, N, D). Generic: :meth:`mask` in query tiles."""
@@ -318,6 +330,22 @@ class Dilated(Pattern):
             q, k, v, self.segment_lengths, self.dilation_rates, causal=True, offsets=self.offsets
         )
 
+    def pair_counts(self, q_pos: Tensor, k_pos: Tensor, n_heads: int) -> Tensor:
+        # a key counts once per branch in which it shares the query's segment and the
+        # head's residue (the union with multiplicity that the branch merge computes)
+        qi, kj = q_pos[:, None], k_pos[None, :]
+        counts = torch.zeros(n_heads, len(q_pos), len(k_pos), dtype=torch.long, device=qi.device)
+        for w, r in zip(self.segment_lengths, self.dilation_rates, strict=True):
+            same = (qi // w == kj // w) & (kj <= qi)
+            pq, pk = (qi % w) % r, (kj % w) % r
+            for o, heads in head_offset_groups(n_heads, r, self.offsets):
+                counts[heads] += same & (pq == o) & (pk == o)
+        return counts
+
+    def first_key(self, position: int) -> int:
+        # the earliest segment start, over the branches, of a query at or after position
+        return min(position // w * w for w in self.segment_lengths)
+
     def new_state(
         self,
         module: nn.Module,
@@ -420,6 +448,9 @@ class SlidingWindow(Pattern):
     def mask(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         gap = q_pos[:, None] - k_pos[None, :]
         return (gap >= 0) & (gap < self.window)
+
+    def first_key(self, position: int) -> int:
+        return max(0, position - self.window + 1)
 
     def kernel(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return ops.sliding_window_attention(q, k, v, self.window, causal=True)

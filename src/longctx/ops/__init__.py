@@ -8,8 +8,10 @@ from .attention import attention, attention_flops, chunked_attention, merge
 from .dilated import dilated_attention, dilated_attention_flops
 from .masked import masked_attention
 from .sliding import sliding_window_attention, sliding_window_flops
+from .streaming import StreamingAttention
 
 __all__ = [
+    "StreamingAttention",
     "attention",
     "attention_flops",
     "chunked_attention",

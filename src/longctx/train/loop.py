@@ -26,6 +26,7 @@ from .._util import (
     atomic_write,
     atomic_write_json,
     nats_to_bits,
+    peak_memory,
     resolve_device,
 )
 from ..config import apply_overrides
@@ -272,6 +273,7 @@ class Trainer:
             "grad_norm": stats.grad_norm,
             "tokens_per_s": tok_s,
             "elapsed_s": now - self._clock,
+            "peak_mem_gib": peak_memory(self.device) / 2**30,  # this process (rank)
         }
         if stats.negatives is not None:
             row["crossbatch_negatives"] = stats.negatives
