@@ -52,7 +52,14 @@ def test_bad_config_values(overrides, match):
 
 
 def test_presets_load_and_overrides_parse():
-    assert {"tiny", "longnet-small", "tiny-dilated", "tiny-sliding"} <= set(preset_names())
+    assert {
+        "tiny",
+        "longnet-small",
+        "tiny-dilated",
+        "tiny-sliding",
+        "tiny-linear",
+        "tiny-retention",
+    } <= set(preset_names())
     for name in preset_names():
         cfg = resolve_config(name)
         assert cfg.model.vocab_size >= 259

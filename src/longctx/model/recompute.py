@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..nn import MultiHeadAttention
+from ..nn import MultiHeadAttention, Pattern
 from ..ops import StreamingAttention
 from .lm import DecoderLM
 
@@ -33,7 +33,12 @@ def check_recompute(model: DecoderLM) -> None:
     """ValueError unless every layer is a pattern attention the policy can stream
     (dense, dilated, sliding window, or a pattern with a mask)."""
     for i, block in enumerate(model.blocks):
-        if not isinstance(block.attn, MultiHeadAttention):
+        pattern = getattr(block.attn, "pattern", None)
+        streamable = pattern is not None and (
+            type(pattern).mask is not Pattern.mask
+            or type(pattern).pair_counts is not Pattern.pair_counts
+        )
+        if not isinstance(block.attn, MultiHeadAttention) or not streamable:
             raise ValueError(
                 f"cache='recompute' streams pattern attention (dense, dilated, sliding "
                 f"window, or a registered pattern with a mask); layer {i} is "

@@ -25,6 +25,7 @@ from .colt5 import (
     conditional_ffn_flops,
 )
 from .feedforward import FeedForwardKind, SwiGLU, SwiGLUFFN, ffn_names, make_ffn, register_ffn
+from .linear import LinearAttention, Retention
 from .memory import MEMORY_POSITIONS, Memory, MemoryAttention, document_rules
 from .ngram import NgramEmbedding
 from .norm import RMSNorm
@@ -50,6 +51,7 @@ from .state import (
     MemoryState,
     MemoryStore,
     ModelState,
+    RecurrentState,
     RoutedKVCache,
 )
 
@@ -68,6 +70,7 @@ __all__ = [
     "FeedForwardKind",
     "KVCache",
     "LayerState",
+    "LinearAttention",
     "Memory",
     "MemoryAttention",
     "MemoryState",
@@ -77,6 +80,8 @@ __all__ = [
     "NgramEmbedding",
     "Pattern",
     "RMSNorm",
+    "RecurrentState",
+    "Retention",
     "RoutedKVCache",
     "Router",
     "Routing",

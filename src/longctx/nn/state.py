@@ -245,6 +245,31 @@ class RoutedKVCache(LayerState):
         )
 
 
+# ---------------------------------------------------------------- recurrent state
+
+
+class RecurrentState(LayerState):
+    """The constant-size state of a linear-attention or retention layer: S (B, H, D, Dv)
+    and, for linear attention, the normaliser z (B, H, D), in the compute dtype. Its size
+    does not depend on how many positions it has seen."""
+
+    def __init__(self, batch, heads, head_dim, value_dim, with_z, dtype, device):
+        cd = torch.float64 if dtype == torch.float64 else torch.float32
+        self.s = torch.zeros(batch, heads, head_dim, value_dim, dtype=cd, device=device)
+        self.z = torch.zeros(batch, heads, head_dim, dtype=cd, device=device) if with_z else None
+        self.length = 0
+
+    def tensors(self) -> list[Tensor]:
+        return [self.s] if self.z is None else [self.s, self.z]
+
+    def advance(self, new: tuple[Tensor, Tensor | None], n: int) -> None:
+        """Take the state after ``n`` more positions."""
+        self.s, z = new
+        if self.z is not None:
+            self.z = z
+        self.length += n
+
+
 # ---------------------------------------------------------------- memory
 
 
@@ -472,5 +497,6 @@ __all__ = [
     "MemoryState",
     "MemoryStore",
     "ModelState",
+    "RecurrentState",
     "RoutedKVCache",
 ]

@@ -6,6 +6,7 @@ The building blocks these are made of (tile kernels, plans, the plan runner) are
 from . import reference
 from .attention import attention, attention_flops, chunked_attention, merge
 from .dilated import dilated_attention, dilated_attention_flops
+from .linear import linear_attention, retention
 from .masked import masked_attention
 from .sliding import sliding_window_attention, sliding_window_flops
 from .streaming import StreamingAttention
@@ -17,9 +18,11 @@ __all__ = [
     "chunked_attention",
     "dilated_attention",
     "dilated_attention_flops",
+    "linear_attention",
     "masked_attention",
     "merge",
     "reference",
+    "retention",
     "sliding_window_attention",
     "sliding_window_flops",
 ]

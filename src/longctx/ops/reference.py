@@ -140,3 +140,51 @@ def sliding_window_attention(
     """Naive sliding-window attention: (out, lse)."""
     mask = sliding_window_mask(q.shape[2], window, causal=causal).to(q.device)
     return masked_attention(q, k, v, mask, scale)
+
+
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-6) -> Tensor:
+    """Causal linear attention, parallel form: (phi(Q) phi(K)^T, lower triangle) V, each
+    row divided by its sum (+ eps); phi(x) = elu(x) + 1."""
+    fq = torch.nn.functional.elu(q) + 1
+    fk = torch.nn.functional.elu(k) + 1
+    a = torch.matmul(fq, fk.transpose(-1, -2)).tril()  # (B, H, N, N)
+    return torch.matmul(a, v) / (a.sum(-1, keepdim=True) + eps)
+
+
+def linear_attention_recurrent(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-6) -> Tensor:
+    """The same, one token at a time: S += phi(k) v^T, z += phi(k), out = phi(q) S / phi(q).z."""
+    fq = torch.nn.functional.elu(q) + 1
+    fk = torch.nn.functional.elu(k) + 1
+    B, H, N, D = q.shape
+    S = q.new_zeros(B, H, D, v.shape[-1])
+    z = q.new_zeros(B, H, D)
+    outs = []
+    for t in range(N):
+        S = S + fk[:, :, t, :, None] * v[:, :, t, None, :]
+        z = z + fk[:, :, t]
+        num = torch.einsum("bhd,bhde->bhe", fq[:, :, t], S)
+        outs.append(num / ((fq[:, :, t] * z).sum(-1, keepdim=True) + eps))
+    return torch.stack(outs, dim=2)
+
+
+def retention(q: Tensor, k: Tensor, v: Tensor, decays: Tensor) -> Tensor:
+    """Causal retention, parallel form: (Q K^T / sqrt(D) * G) V with
+    G[h, n, m] = gamma_h^(n - m) for m <= n, else 0."""
+    n = q.shape[2]
+    i = torch.arange(n)
+    gap = (i[:, None] - i[None, :]).to(q.dtype)
+    g = decays.to(q.dtype).view(-1, 1, 1) ** gap.clamp_min(0) * (gap >= 0)  # (H, N, N)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.matmul(scores * g, v)
+
+
+def retention_recurrent(q: Tensor, k: Tensor, v: Tensor, decays: Tensor) -> Tensor:
+    """The same, one token at a time: S = gamma S + k v^T / sqrt(D), out = q S."""
+    B, H, N, D = q.shape
+    gamma = decays.to(q.dtype).view(1, H, 1, 1)
+    S = q.new_zeros(B, H, D, v.shape[-1])
+    outs = []
+    for t in range(N):
+        S = gamma * S + (k[:, :, t, :, None] * D**-0.5) * v[:, :, t, None, :]
+        outs.append(torch.einsum("bhd,bhde->bhe", q[:, :, t], S))
+    return torch.stack(outs, dim=2)
