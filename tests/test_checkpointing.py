@@ -126,3 +126,28 @@ def test_bad_options_are_refused():
         resolve_config("tiny", None, ["train.activation_checkpointing=full"])
     with pytest.raises(ValueError, match="token_chunk"):
         resolve_config("tiny", None, ["train.token_chunk=-2"])
+
+
+def test_long_sequences_run_attention_head_group_by_head_group():
+    """With token chunks shorter than the sequence, each layer's attention runs on groups
+    of heads (each recomputed in backward) with their place in the layer: dilated head
+    offsets and retention decays follow the global head index."""
+    for name, attention in (
+        ("dilated", ATTENTION["dilated"]["attention"]),
+        ("retention", {"kind": "retention", "chunk": 8}),
+    ):
+        torch.manual_seed(0)
+        model = DecoderLM(ModelConfig(**{**SMALL, "attention": attention})).double()
+        tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+        want = model.loss(tokens, tokens)
+        calls = []
+        pattern = model.blocks[0].attn.pattern
+        kernel = pattern.head_kernel
+        pattern.head_kernel = lambda q, k, v, first, total: calls.append(
+            (q.shape[1], first, total)
+        ) or kernel(q, k, v, first, total)
+        model.set_activation_checkpointing("off", 20)  # 4 heads x 20 / 40 tokens: pairs
+        got = model.loss(tokens, tokens)
+        # (the pattern object is shared by the layers)
+        assert calls == [(2, 0, 4), (2, 2, 4)] * SMALL["n_layers"], name
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)

@@ -155,3 +155,19 @@ def test_sliding_bad_window():
         ops.sliding_window_attention(q, k, v, 0)
     with pytest.raises(ValueError, match="block_size"):
         ops.sliding_window_attention(q, k, v, 3, block_size=0)
+
+
+@pytest.mark.parametrize("offsets", ["paper", "torchscale"])
+def test_dilated_head_groups_computed_alone_equal_the_layer(offsets):
+    q, k, v = make_qkv(1, 6, 100, 100, 8)
+    ws, rs = [8, 16, 32], [1, 2, 4]
+    full = ops.dilated_attention(q, k, v, ws, rs, causal=True, offsets=offsets)
+    parts = [
+        ops.dilated_attention(
+            q[:, a:b], k[:, a:b], v[:, a:b], ws, rs, causal=True, offsets=offsets, heads=(a, 6)
+        )
+        for a, b in ((0, 1), (1, 4), (4, 6))
+    ]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not in 0..5"):
+        ops.dilated_attention(q[:, :2], k[:, :2], v[:, :2], ws, rs, heads=(5, 6))

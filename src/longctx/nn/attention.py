@@ -4,9 +4,10 @@ is an attention pattern object (:mod:`longctx.nn.patterns`), chosen by name."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .chunking import token_chunks
+from .chunking import recompute, token_chunks
 from .patterns import Kernel, Pattern, make_pattern
 from .rotary import apply_rotary
 from .state import LayerState
@@ -29,7 +30,10 @@ class MultiHeadAttention(nn.Module):
     ``kernel`` is the whole-sequence attention (q, k, v) -> out, the pattern's by
     default; sequence parallelism replaces it with a distributed one. ``token_chunk``
     (default 0: off) runs the per-token work (``pre``, projections, rotary positions) in
-    slices of that many tokens, recomputed in backward (:mod:`longctx.nn.chunking`)."""
+    slices of that many tokens, recomputed in backward (:mod:`longctx.nn.chunking`); on a
+    sequence longer than that (and the pattern's own kernel), the attention itself runs
+    head group by head group, each recomputed in backward, so that q, k, v and their
+    gradients exist for about ``token_chunk`` tokens' worth of heads at a time."""
 
     def __init__(
         self,
@@ -79,6 +83,14 @@ class MultiHeadAttention(nn.Module):
             first = start if state is None else state.length
             positions = torch.arange(first, first + N, device=x.device)
         chunk, chunked = self.token_chunk, self.token_chunk > 0
+        groups = self._head_groups(N) if state is None and chunked else []
+        if len(groups) > 1:
+            xn = x if pre is None else token_chunks(pre, (x,), (1,), chunk, 1)
+            out = None
+            for h0, h1 in groups:  # (B, N, C) contributions of the groups' heads
+                part = recompute(self._head_group, xn, positions, h0, h1)
+                out = part if out is None else out + part
+            return out
         q, k, v = token_chunks(
             lambda xc, pc: self._project(xc, pc, pre),
             (x, positions),
@@ -89,6 +101,27 @@ class MultiHeadAttention(nn.Module):
         )  # (B, H, N, Dh) each
         y = self.kernel(q, k, v) if state is None else self.pattern.attend(q, k, v, state)
         return token_chunks(self._output, (y,), (2,), chunk, 1, recomputed=chunked)
+
+    def _head_groups(self, n: int) -> list[tuple[int, int]]:
+        """Head ranges whose q, k, v hold about ``token_chunk`` tokens' worth of features
+        (one range when the pattern's kernel is not this layer's: sequence parallelism)."""
+        if self.kernel != self.pattern.kernel:
+            return []
+        per = max(1, self.n_heads * self.token_chunk // max(n, 1))
+        return [(h, min(self.n_heads, h + per)) for h in range(0, self.n_heads, per)]
+
+    def _head_group(self, x: Tensor, positions: Tensor, h0: int, h1: int) -> Tensor:
+        """The output projection's share (B, N, C) of heads h0..h1-1 on normed input x."""
+        B, N, C = x.shape
+        g, Dh = h1 - h0, self.head_dim
+        w = self.qkv.weight.view(3, self.n_heads, Dh, C)[:, h0:h1].reshape(3 * g * Dh, C)
+        qkv = F.linear(x, w).view(B, N, 3, g, Dh)  # (B, N, 3, g, Dh)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, g, N, Dh) each
+        q = apply_rotary(q, positions, self.rope_base)
+        k = apply_rotary(k, positions, self.rope_base)
+        y = self.pattern.head_kernel(q, k, v, h0, self.n_heads)  # (B, g, N, Dh)
+        w_out = self.proj.weight.view(C, self.n_heads, Dh)[:, h0:h1].reshape(C, g * Dh)
+        return F.linear(y.transpose(1, 2).reshape(B, N, g * Dh), w_out)
 
     def _project(self, x: Tensor, positions: Tensor, pre=None) -> tuple[Tensor, Tensor, Tensor]:
         """(q, k, v), each (B, H, n, Dh), of n tokens (rotary positions applied)."""

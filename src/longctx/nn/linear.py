@@ -83,8 +83,11 @@ class Retention(_ConstantState):
     kind: ClassVar[str] = "retention"
     strategies: ClassVar[tuple[str, ...]] = ()
 
-    def _run(self, q, k, v, state=None, return_state=False):
-        decays = lin.retention_decays(q.shape[1])
+    def head_kernel(self, q: Tensor, k: Tensor, v: Tensor, first: int, total: int) -> Tensor:
+        return self._run(q, k, v, first=first, total=total)
+
+    def _run(self, q, k, v, state=None, return_state=False, first=0, total=None):
+        decays = lin.retention_decays(total or q.shape[1])[first : first + q.shape[1]]
         res = lin.retention(q, k, v, decays, chunk=self.chunk, state=state, return_state=True)
         out = _head_rms(res[0])
         return (out, res[1]) if return_state else out

@@ -104,6 +104,13 @@ class Pattern:
         after rotary -> (B, H, N, D). Generic: :meth:`mask` in query tiles."""
         return masked_pattern_attention(self.mask, q, k, v, 0)
 
+    def head_kernel(self, q: Tensor, k: Tensor, v: Tensor, first: int, total: int) -> Tensor:
+        """:meth:`kernel` for heads first..first+H-1 (H = q.shape[1]) of a layer of
+        ``total`` heads, computed alone (training recomputes attention head group by head
+        group to bound memory). Generic: :meth:`kernel` (every head alike); a pattern
+        whose heads differ (dilated offsets, retention decays) overrides it."""
+        return self.kernel(q, k, v)
+
     def new_state(
         self,
         module: nn.Module,
@@ -326,8 +333,12 @@ class Dilated(Pattern):
             )
 
     def kernel(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self.head_kernel(q, k, v, 0, q.shape[1])
+
+    def head_kernel(self, q: Tensor, k: Tensor, v: Tensor, first: int, total: int) -> Tensor:
+        ws, rs = self.segment_lengths, self.dilation_rates
         return ops.dilated_attention(
-            q, k, v, self.segment_lengths, self.dilation_rates, causal=True, offsets=self.offsets
+            q, k, v, ws, rs, causal=True, offsets=self.offsets, heads=(first, total)
         )
 
     def pair_counts(self, q_pos: Tensor, k_pos: Tensor, n_heads: int) -> Tensor:

@@ -114,12 +114,18 @@ def plan_dilated(
     offsets: str = "paper",
     *,
     check: bool = True,
+    heads: tuple[int, int] | None = None,
 ) -> list[Block]:
     """The plan of the given branches; ``check=False`` skips the coverage check (for a
-    subset of a layer's branches, as the distributed strategy computes locally)."""
+    subset of a layer's branches, as the distributed strategy computes locally).
+    ``heads=(first, total)``: the input's num_heads heads are heads first.. of a layer
+    of ``total`` heads (their offsets are those of their global index)."""
     ws, rs = check_branches(segment_lengths, dilation_rates, offsets)
+    first, total = (0, num_heads) if heads is None else heads
+    if first < 0 or first + num_heads > total:
+        raise ValueError(f"heads {first}..{first + num_heads - 1} are not in 0..{total - 1}")
     if check:
-        check_coverage(n, num_heads, ws, rs, offsets)
+        check_coverage(n, total, ws, rs, offsets)
     blocks: list[Block] = []
     if n == 0:
         return blocks
@@ -127,7 +133,8 @@ def plan_dilated(
         seg = min(w, n)
         n_full = (n // seg) * seg
         fresh = b == 0  # the first branch's blocks write disjoint rows, before any other
-        for head, o in enumerate(head_offsets(num_heads, r, offsets)):
+        offs = head_offsets(total, r, offsets)[first : first + num_heads]
+        for head, o in enumerate(offs):
             c = _count(o, seg, r)
             if c > 0:
                 sel = _full_segments_sel(head, n_full, seg, o, r)
@@ -157,18 +164,27 @@ def dilated_attention(
     scale: float | None = None,
     offsets: str = "paper",
     return_lse: bool = False,
+    heads: tuple[int, int] | None = None,
 ):
     """LongNet dilated attention over (B, H, N, D) inputs; any N >= 0.
 
     ``segment_lengths`` w_b and ``dilation_rates`` r_b define the branches. ``offsets``:
     "paper" (o = h mod r) or "torchscale" (o = floor(h / ceil(H / r))). Returns out
     (B, H, N, Dv), and lse (B, H, N) with ``return_lse``. Raises ValueError when some
-    (head, position) is covered by no branch.
+    (head, position) is covered by no branch. ``heads=(first, total)``: the H input heads
+    are heads first..first+H-1 of a layer of ``total`` heads (a group of a layer's heads
+    computed alone gets the offsets of its place in the layer).
     """
     check_qkv(q, k, v, same_length=True)
     tau = resolve_scale(scale, q.shape[-1])
     plan = plan_dilated(
-        q.shape[2], q.shape[1], segment_lengths, dilation_rates, bool(causal), offsets
+        q.shape[2],
+        q.shape[1],
+        segment_lengths,
+        dilation_rates,
+        bool(causal),
+        offsets,
+        heads=heads,
     )
     out, lse = run_plan(q, k, v, plan, tau)
     return (out, lse) if return_lse else out
