@@ -142,10 +142,12 @@ def test_long_sequences_run_attention_head_group_by_head_group():
         want = model.loss(tokens, tokens)
         calls = []
         pattern = model.blocks[0].attn.pattern
-        kernel = pattern.head_kernel
-        pattern.head_kernel = lambda q, k, v, first, total: calls.append(
-            (q.shape[1], first, total)
-        ) or kernel(q, k, v, first, total)
+
+        def recorded(q, k, v, first, total, calls=calls, kernel=pattern.head_kernel):
+            calls.append((q.shape[1], first, total))
+            return kernel(q, k, v, first, total)
+
+        pattern.head_kernel = recorded
         model.set_activation_checkpointing("off", 20)  # 4 heads x 20 / 40 tokens: pairs
         got = model.loss(tokens, tokens)
         # (the pattern object is shared by the layers)

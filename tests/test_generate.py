@@ -1,12 +1,9 @@
 """Generation: the four cache policies against the full forward pass."""
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from longctx.bench.common import TensorPeak
 from longctx.model import DecoderLM, ModelConfig, generate
 from longctx.model.recompute import recompute_logits
 from longctx.nn import DilatedKVCache, KVCache
@@ -88,37 +85,13 @@ def test_dilated_cache_bytes_constant_in_context_length():
     assert generate(model, [1], 2, cache="none", temperature=0).cache_bytes == [0, 0]
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storage allocated (and still alive) under the mode."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.now = self.peak = 0
-
-    def _free(self, ptr):
-        self.now -= self.live.pop(ptr, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                if st.data_ptr() not in self.live and st.nbytes():
-                    self.live[st.data_ptr()] = st.nbytes()
-                    self.now += st.nbytes()
-                    self.peak = max(self.peak, self.now)
-                    weakref.finalize(st, self._free, st.data_ptr())
-        return out
-
-
 @pytest.mark.parametrize("kw", [DILATED, dict(attention={"kind": "sliding_window", "window": 5})])
 def test_recompute_peak_memory_does_not_grow_with_the_context(kw):
     model = _model(torch.float32, **kw)
     peaks = []
     for n in (48, 192):
         tokens = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(0))
-        with _LiveBytes() as mem:
+        with TensorPeak() as mem:
             recompute_logits(model, tokens, chunk=16)
         peaks.append(mem.peak)
     # 4x the context: the same peak up to which chunk tensors happen to be alive together

@@ -6,10 +6,13 @@ import json
 import os
 import platform
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .._util import (
     Progress,
@@ -119,6 +122,34 @@ class PeakMemory:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         return peak_rss()
+
+
+class TensorPeak(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated under the mode and alive at once (any
+    device): the tensors' own footprint, free of allocator caching, which on the CPU
+    makes the resident-set peak of small cases noisy. Every op is intercepted, so use it
+    for memory figures, not timings."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def _free(self, ptr: int) -> None:
+        self.now -= self.live.pop(ptr, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                ptr, n = st.data_ptr(), st.nbytes()
+                if n and ptr not in self.live:
+                    self.live[ptr] = n
+                    self.now += n
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(st, self._free, ptr)
+        return out
 
 
 def available_memory(device: torch.device) -> int:

@@ -47,8 +47,11 @@ def run(args) -> list[dict]:
     bad = [p for p in policies if p not in CACHE_POLICIES]
     if bad or not policies:
         raise ValueError(f"unknown cache policy {bad}; choose from {CACHE_POLICIES}")
-    if args.tokens < 1:
-        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    if args.tokens < 2:
+        raise ValueError(
+            f"--tokens must be >= 2 (the first new token comes from the prefill's logits, "
+            f"so per-token latency needs a second), got {args.tokens}"
+        )
     if args.recompute_chunk < 1:
         raise ValueError(f"--recompute-chunk must be >= 1, got {args.recompute_chunk}")
     contexts = powers_of_two(
@@ -120,9 +123,9 @@ def run(args) -> list[dict]:
 def _measure(model, policy, n, row, args) -> None:
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, 256, (n,), generator=g).tolist()
-    t0 = time.perf_counter()
-    with common.PeakMemory(model.embed.weight.device) as mem:
-        gen = generate(
+
+    def run():
+        return generate(
             model,
             prompt,
             args.tokens,
@@ -130,6 +133,15 @@ def _measure(model, policy, n, row, args) -> None:
             temperature=0,
             recompute_chunk=args.recompute_chunk,
         )
+
+    tensor_peak = None
+    if policy == "recompute":  # its memory is small: count tensor bytes, not the RSS
+        with common.TensorPeak() as tensors:
+            run()
+        tensor_peak = tensors.peak
+    t0 = time.perf_counter()
+    with common.PeakMemory(model.embed.weight.device) as mem:
+        gen = run()
         peak = mem.peak()
     latency = statistics.median(gen.step_seconds)
     row.update(
@@ -144,6 +156,7 @@ def _measure(model, policy, n, row, args) -> None:
         peak_mem_bytes=peak,
         peak_mem_over_start=peak - mem.start_rss,
         peak_mem_mib=(peak - mem.start_rss) / 2**20,
+        peak_tensor_mib=None if tensor_peak is None else tensor_peak / 2**20,
     )
 
 
@@ -155,6 +168,7 @@ COLUMNS = [
     ("tokens/s", "tokens_per_s", ".1f"),
     ("cache MiB", "cache_mib", ".2f"),
     ("peak MiB", "peak_mem_mib", ".1f"),
+    ("tensor MiB", "peak_tensor_mib", ".3f"),
     ("status", "status", ""),
 ]
 
@@ -188,12 +202,12 @@ def summarize(rows: list[dict]) -> dict:
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
         layers = rec[0]["model"]["n_layers"]
         out["recompute_time_exponent"] = slope
-        peaks = [r["peak_mem_mib"] for r in rec]
-        out["recompute_peak_mem_max_over_min"] = max(peaks) / max(min(peaks), 1e-9)
+        peaks = [r["peak_tensor_mib"] for r in rec]
+        out["recompute_peak_tensor_max_over_min"] = max(peaks) / max(min(peaks), 1e-9)
         lines.append(
             f"recompute per-token time ~ N^{slope:.2f} from {fit[0]['context']:,} to "
             f"{fit[-1]['context']:,} (theory for {layers} layers: about N^{layers} once N "
-            f"is many chunks); peak memory {min(peaks):.1f}-{max(peaks):.1f} MiB over the start"
+            f"is many chunks); peak tensor memory {min(peaks):.3f}-{max(peaks):.3f} MiB"
         )
     out["lines"] = lines
     return out
