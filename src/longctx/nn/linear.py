@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from ..ops import linear as lin
+from .norm import rms_normalize
 from .patterns import Pattern, check_decode_policy, register_pattern
 from .state import LayerState, RecurrentState
 
@@ -89,14 +89,9 @@ class Retention(_ConstantState):
     def _run(self, q, k, v, state=None, return_state=False, first=0, total=None):
         decays = lin.retention_decays(total or q.shape[1])[first : first + q.shape[1]]
         res = lin.retention(q, k, v, decays, chunk=self.chunk, state=state, return_state=True)
-        out = _head_rms(res[0])
+        # per head and position: the same in every form
+        out = rms_normalize(res[0], 1e-6).to(res[0].dtype)
         return (out, res[1]) if return_state else out
-
-
-def _head_rms(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """x / rms(x) over each head's features (per position: the same in every form)."""
-    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 __all__ = ["LinearAttention", "Retention"]

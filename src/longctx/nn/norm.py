@@ -3,6 +3,15 @@
 import torch
 from torch import Tensor, nn
 
+from ..ops.lowlevel import compute_dtype
+
+
+def rms_normalize(x: Tensor, eps: float) -> Tensor:
+    """x / rms(x) over the last dimension, in the compute dtype (float32, float64 for
+    float64 input); the caller casts back."""
+    xf = x.to(compute_dtype(x.dtype))
+    return xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 (float64 for float64 input) (Zhang &
@@ -14,7 +23,5 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xf = x.to(cd)
-        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(cd)).to(x.dtype)
+        y = rms_normalize(x, self.eps)
+        return (y * self.weight.to(y.dtype)).to(x.dtype)

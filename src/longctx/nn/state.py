@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._util import atomic_path
-from ..ops.lowlevel import head_offset_groups
+from ..ops.lowlevel import compute_dtype, head_offset_groups
 
 
 class LayerState:
@@ -254,7 +254,7 @@ class RecurrentState(LayerState):
     does not depend on how many positions it has seen."""
 
     def __init__(self, batch, heads, head_dim, value_dim, with_z, dtype, device):
-        cd = torch.float64 if dtype == torch.float64 else torch.float32
+        cd = compute_dtype(dtype)
         self.s = torch.zeros(batch, heads, head_dim, value_dim, dtype=cd, device=device)
         self.z = torch.zeros(batch, heads, head_dim, dtype=cd, device=device) if with_z else None
         self.length = 0

@@ -90,6 +90,12 @@ def pad_head(t: Tensor, width: int, column: Tensor | float | None = None) -> Ten
     return out
 
 
+def backward_lse(lse: Tensor) -> Tensor:
+    """The lse as the fused backwards read it: +inf (not -inf) for a row that sees no
+    key, so that every probability of the row is exp(s - inf) = 0."""
+    return lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
 def _kernel_bias(bias: Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype) -> Tensor:
     """The additive bias as the efficient kernel reads it: q's dtype, 4-d, rows padded to
     a multiple of 16 elements (a sliced view), expanded to (B, G, Lq, Lk)."""
@@ -143,7 +149,7 @@ def backward(
     Lk = k.shape[2]
     out, dout = out.to(q.dtype), dout.to(q.dtype)
     # (B, G, Lq) in the compute dtype (float32 for the kernels' dtypes), +inf for empty rows
-    lse_b = lse.masked_fill(torch.isneginf(lse), float("inf")).contiguous()
+    lse_b = backward_lse(lse).contiguous()
     rng = q.new_empty(0, dtype=torch.int64)  # not read: dropout is 0
     if kernel_for(q, k, v, causal, bias) == "flash":
         qp, kp, vp, op, dop = (_aligned(t) for t in (q, k, v, out, dout))

@@ -184,8 +184,7 @@ def attn_bwd(
 
 def _fused_cpu_bwd(q, k, v, out, lse, dout, scale, causal, bias):
     """PyTorch's fused CPU flash backward against the global (out, lse)."""
-    # A row that sees no key at all has lse = -inf; +inf makes its probabilities 0.
-    lse_b = lse.masked_fill(torch.isneginf(lse), float("inf")).contiguous()
+    lse_b = _cuda.backward_lse(lse).contiguous()
     return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout.to(q.dtype).contiguous(),
         q,
@@ -286,7 +285,7 @@ def _manual_bwd(
     delta = (doc * out.to(cd)).sum(dim=-1)  # (B, G, Lq)
     if dlse is not None:
         delta = delta - dlse.to(cd)
-    lse_b = lse.to(cd).masked_fill(torch.isneginf(lse), float("inf"))
+    lse_b = _cuda.backward_lse(lse.to(cd))
     dq = torch.empty_like(qc)
     dk = torch.zeros_like(kc)
     dv = torch.zeros_like(vc)
