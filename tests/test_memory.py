@@ -11,8 +11,6 @@ from longctx.nn import (
     MemoryStore,
     MultiHeadAttention,
     document_rules,
-    faiss_recall,
-    faiss_search,
     torch_topk,
 )
 
@@ -231,20 +229,6 @@ def test_missing_faiss_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_faiss)
     with pytest.raises(ImportError, match=r"longctx\[faiss\]"):
         MemoryAttention(32, 4, retrieval="faiss")
-
-
-def test_faiss_exact_index_finds_the_torch_topk_neighbours():
-    pytest.importorskip("faiss")
-    keys = randn(2, 2, 200, 16).float()
-    valid = torch.ones(2, 200, dtype=torch.bool)
-    valid[1, 150:] = False
-    q = randn(2, 2, 9, 16, seed=4).float()
-    exact = torch_topk(keys, valid, q, 8)
-    found = faiss_search(keys, valid, q, 8, "flat")
-    assert torch.equal(exact.sort(-1).values, found.sort(-1).values)
-    assert faiss_recall(keys, valid, q, 8, "flat") == 1.0
-    recall = faiss_recall(keys, valid, q, 8, "hnsw")
-    assert 0.5 <= recall <= 1.0
 
 
 def test_faiss_retrieval_matches_topk_attention():
@@ -504,13 +488,21 @@ def test_exact_match_accepts_exactly_the_greedy_answer():
     class Copy(torch.nn.Module):  # predicts "the next token is the current token + 1"
         embed = torch.nn.Embedding(300, 1)
 
-        def forward(self, tokens):
+        def memory_layers(self):
+            return []
+
+        def hidden_states(self, tokens):
             return torch.nn.functional.one_hot((tokens + 1) % 300, 300).float()
+
+        def head(self, x):
+            return x
 
     model = Copy()
     good = Example(prompt=[5, 6, 7], answer=[8, 9], depth=0)
     bad = Example(prompt=[5, 6, 7], answer=[8, 10], depth=0)
-    assert exact_matches(model, [good, bad]) == [True, False]
+    trials = exact_matches(model, [good, bad])
+    assert [t.correct for t in trials] == [True, False]
+    assert [t.in_memory for t in trials] == [None, None]  # no memory layers
 
 
 def test_retrieval_eval_cli_writes_json_and_heatmap(tmp_path, capsys):
@@ -548,6 +540,25 @@ def test_retrieval_eval_cli_writes_json_and_heatmap(tmp_path, capsys):
     assert all(0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1] <= 1 for c in out["cells"])
     assert (tmp_path / "run" / "eval" / "kv_retrieval.png").stat().st_size > 1000
     assert "95% Wilson interval" in capsys.readouterr().out
+    assert out["by_length"]["200"]["evicted"] == 0 and not out["warnings"]
+
+    # a capacity below the context: depth-0 needles are evicted, and it says so
+    small = [*argv, "--depths", "0,1", "--trials", "2", "--memory-capacity", "64"]
+    assert cli.main(small) == 0
+    captured = capsys.readouterr()
+    out = json.loads((tmp_path / "run" / "eval" / "kv_retrieval.json").read_text())
+    assert out["memory"]["capacity"] == 64
+    assert out["by_length"]["200"]["evicted"] == 2 and out["by_length"]["64"]["evicted"] == 0
+    assert "evicted" in captured.err and "--memory-capacity fit" in captured.err
+    assert "needle in memory" in captured.out
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--memory-capacity", "lots"])
+    assert "integer >= 1 or 'fit'" in capsys.readouterr().err
+    bpb = ["eval", str(tmp_path / "run"), "--contexts", "64,128", "--windows", "2"]
+    assert cli.main([*bpb, "--memory-capacity", "fit"]) == 0
+    assert "context     128" in capsys.readouterr().out
+    gen = ["generate", str(tmp_path / "run"), "--prompt", "abc=1234;", "--max-new-tokens", "3"]
+    assert cli.main([*gen, "--memory-capacity", "fit", "--memory-retrieval", "topk"]) == 0
 
 
 # ------------------------------------------------------------- kv-retrieval training data

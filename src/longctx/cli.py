@@ -20,6 +20,10 @@ BENCHES = {
         "generate",
         "decoding latency and cache bytes vs context for the three cache policies",
     ),
+    "memory": (
+        "memory",
+        "memory layers: time per token and bytes vs store size (dense, top-k, ivf), recall",
+    ),
     "colt5": ("colt5", "CoLT5 routed feed-forward and attention vs dense: time and FLOPs vs N"),
     "parallel": (
         "parallel",
@@ -173,11 +177,15 @@ def _eval(args) -> int:
         lengths = parse_numbers(args.lengths, int, "--lengths")
         depths = parse_numbers(args.depths, float, "--depths")
         run_dir = Path(args.run_dir)
-        _retrieval(run_dir, args.task, lengths, depths, args.trials, args.seed, args.device)
+        _retrieval(run_dir, args.task, lengths, depths, args.trials, args.seed, args.device, args)
         return 0
     contexts = parse_numbers(args.contexts, int, "--contexts") if args.contexts else None
     res = evaluate_run(
-        Path(args.run_dir), contexts=contexts, windows=args.windows, device=args.device
+        Path(args.run_dir),
+        contexts=contexts,
+        windows=args.windows,
+        device=args.device,
+        memory=_memory_options(args),
     )
     _print_eval(res)
     return 0
@@ -204,22 +212,63 @@ def _print_eval(res: dict) -> None:
         print(f"  plot: {p}")
 
 
-def _retrieval(run_dir: Path, task: str, lengths, depths, trials: int, seed: int, device):
+def _retrieval(
+    run_dir: Path, task: str, lengths, depths, trials: int, seed: int, device, args=None
+):
     from ._util import resolve_device
     from .evaluate.retrieval import evaluate_retrieval, write_results
     from .model import latest_checkpoint, load_model
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     model, _ = load_model(ckpt, resolve_device(device))
-    result = evaluate_retrieval(model, task, lengths, depths, trials, seed=seed)
+    memory = _memory_options(args)
+    capacity = memory.pop("capacity", None)
+    if memory:
+        model.configure_memory(**memory)
+    result = evaluate_retrieval(
+        model, task, lengths, depths, trials, seed=seed, memory_capacity=capacity
+    )
     result["checkpoint"] = str(ckpt)
     js, png = write_results(result, run_dir / "eval", f"{task}: {run_dir.name}")
     print(f"\n{task} exact match ({trials} trials per cell, 95% Wilson interval):")
     for length, r in result["by_length"].items():
         lo, hi = r["ci95"]
         acc = f"{r['accuracy']:.1%} [{lo:.1%}, {hi:.1%}]"
-        print(f"  context {int(length):>7,}: {acc} ({r['trials']} trials)")
+        line = f"  context {int(length):>7,}: {acc} ({r['trials']} trials"
+        line += f", {r['seconds_per_trial']:.1f} s per trial)"
+        if r.get("evicted"):
+            kept = r["accuracy_in_memory"]
+            kept_text = "-" if kept is None else f"{kept:.1%}"
+            line += f"; needle in memory: {kept_text} of {r['trials_in_memory']}"
+            line += f", evicted: {r['accuracy_evicted']:.1%} of {r['trials_evicted']}"
+        print(line)
+    mem = result.get("memory")
+    if mem:
+        text = f"  memory: capacity {mem['capacity']}, retrieval {mem['retrieval']}"
+        if mem["retrieval"] == "faiss":
+            text += f" ({mem['faiss_index']}, nprobe {mem['nprobe'] or 'auto'})"
+        if "recall" in mem:
+            text += f", recall vs exact top-k {mem['recall']:.3f}"
+        print(text)
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"  results: {js}\n  heatmap: {png}")
+
+
+def _memory_options(args) -> dict:
+    """The ``--memory-*`` options given (for DecoderLM.configure_memory)."""
+    if args is None:
+        return {}
+    out = {}
+    if args.memory_capacity is not None:
+        out["capacity"] = args.memory_capacity
+    if args.memory_retrieval is not None:
+        out["retrieval"] = args.memory_retrieval
+    if args.memory_index is not None:
+        out["faiss_index"] = args.memory_index
+    if args.memory_nprobe is not None:
+        out["nprobe"] = args.memory_nprobe
+    return out
 
 
 def _info(args) -> int:
@@ -275,6 +324,7 @@ def _generate(args) -> int:
         checkpoint=args.checkpoint,
         stats_path=args.stats,
         device=args.device,
+        memory=_memory_options(args),
     )
     n = len(result.tokens)
     cache_mib = (result.cache_bytes[-1] / 2**20) if result.cache_bytes else 0.0
@@ -398,6 +448,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="retrieval: needle depths")
     p.add_argument("--trials", type=int, default=20, help="retrieval: trials per cell")
     p.add_argument("--seed", type=int, default=0)
+    _memory_arguments(p, "each context length")
     _device_option(p)
     p.set_defaults(func=_eval)
 
@@ -432,8 +483,50 @@ def _generate_parser(sub) -> None:
     )
     p.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default latest)")
     p.add_argument("--stats", type=Path, help="write per-step latency and cache bytes (JSONL)")
+    _memory_arguments(p, "the prompt plus --max-new-tokens")
     _device_option(p)
     p.set_defaults(func=_generate)
+
+
+def _capacity(text: str):
+    if text == "fit":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'fit', got {text!r}")
+    return value
+
+
+def _memory_arguments(p, fit: str) -> None:
+    """Runtime memory options of a memory (Focused Transformer) model."""
+    from .nn.retrieval import FAISS_INDEXES, RETRIEVALS
+
+    g = p.add_argument_group("memory models (memory is not a parameter: set at run time)")
+    g.add_argument(
+        "--memory-capacity",
+        type=_capacity,
+        help=f"entries per memory layer and row; 'fit' = {fit} (default: the training value)",
+    )
+    g.add_argument(
+        "--memory-retrieval",
+        choices=RETRIEVALS,
+        help="dense, topk (exact) or faiss (an index kept as memory is written; default: "
+        "the training value)",
+    )
+    g.add_argument(
+        "--memory-index",
+        choices=FAISS_INDEXES,
+        help="faiss index: ivf (approximate, sublinear per query; default) or flat (exact)",
+    )
+    g.add_argument(
+        "--memory-nprobe",
+        type=int,
+        help="lists an ivf query scans (default: 3 sqrt(lists)); more is slower and closer "
+        "to exact",
+    )
 
 
 def _device_option(p) -> None:
@@ -479,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.imports:
             _import(name)
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: a clear message, no traceback
+    # bad input or a missing optional dependency: a clear message, no traceback
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"longctx: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

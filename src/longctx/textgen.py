@@ -30,15 +30,23 @@ def generate_text(
     stream=None,
     stats_path: Path | None = None,
     device=None,
+    memory: dict | None = None,
 ) -> Generation:
     """Generate from a trained run, writing the text to ``stream`` as it is produced
     (``device``: auto, cpu, cuda or cuda:N; ``cache`` and ``recompute_chunk`` as in
-    :func:`longctx.model.generate`)."""
+    :func:`longctx.model.generate`). ``memory``: settings of a memory model's layers
+    (``DecoderLM.configure_memory``; ``capacity="fit"``: the prompt plus
+    ``max_new_tokens``)."""
     ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(Path(run_dir) / "checkpoints")
     model, _ = load_model(ckpt, resolve_device(device))
     ids = encode(prompt).tolist()
     if not ids:
         raise ValueError("the prompt is empty; give some text with --prompt or --prompt-file")
+    if memory:
+        memory = dict(memory)
+        if memory.get("capacity") == "fit":
+            memory["capacity"] = len(ids) + max_new_tokens
+        model.configure_memory(**memory)
     stops = [encode(s).tolist() for s in stop if s]
     if stop_at_eod:
         stops.append([EOD])

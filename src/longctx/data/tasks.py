@@ -7,7 +7,8 @@ examples.
   keys, all distinct; 4-digit values); the prompt ends with ``?key=`` naming the record at
   the given depth, and the answer is its value.
 
-Each example is (prompt ids, answer ids), with len(prompt) + len(answer) == length.
+Each example is (prompt ids, answer ids), with len(prompt) + len(answer) == length,
+and the token span of the needle (the passkey sentence, the asked record) in the prompt.
 Depth 0 puts the needle at the start of the context, depth 1 at its end.
 """
 
@@ -36,6 +37,7 @@ class Example:
     prompt: list[int]
     answer: list[int]
     depth: float  # where the needle actually is, as a fraction of the context
+    needle: tuple[int, int] = (0, 0)  # its token positions [start, end) in the prompt
 
 
 def _ids(text: str) -> list[int]:
@@ -60,7 +62,7 @@ def passkey(length: int, depth: float, rng: random.Random) -> Example:
     filler = (FILLER * (room // len(FILLER) + 1))[:room]
     cut = round(depth * room)
     text = filler[:cut] + needle + filler[cut:] + question
-    return Example(_ids(text), _ids(key), cut / max(room, 1))
+    return Example(_ids(text), _ids(key), cut / max(room, 1), (cut, cut + len(needle)))
 
 
 def kv_records(n: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -84,7 +86,8 @@ def kv_retrieval(length: int, depth: float, rng: random.Random) -> Example:
     target = round(depth * (n - 1))
     key, value = records[target]
     text = " " * pad + "".join(f"{k}={v};" for k, v in records) + f"?{key}="
-    return Example(_ids(text), _ids(value), target / max(n - 1, 1))
+    start = pad + target * RECORD_LEN
+    return Example(_ids(text), _ids(value), target / max(n - 1, 1), (start, start + RECORD_LEN))
 
 
 def make_example(task: str, length: int, depth: float, rng: random.Random) -> Example:

@@ -55,12 +55,15 @@ def evaluate_run(
     model: DecoderLM | None = None,
     corpus: Corpus | None = None,
     device=None,
+    memory: dict | None = None,
 ) -> dict:
     """Bits per byte of a run's latest checkpoint (or ``model``, e.g. the one just
     trained) on its validation text, by position and at several context lengths (default
     1x, 2x, 4x the training context); writes eval/eval.json and plots; returns the
     results. ``corpus``: the run's corpus if already loaded. ``device``: where the model
-    runs when it is loaded here (auto, cpu, cuda, cuda:N)."""
+    runs when it is loaded here (auto, cpu, cuda, cuda:N). ``memory``: settings of a
+    memory model's layers (``DecoderLM.configure_memory``; ``capacity="fit"``: the
+    longest evaluated context)."""
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if model is None:
@@ -75,6 +78,11 @@ def evaluate_run(
         raise ValueError(f"contexts must be positive, got {contexts}")
     if windows < 1:
         raise ValueError(f"windows must be >= 1, got {windows}")
+    if memory:
+        memory = dict(memory)
+        if memory.get("capacity") == "fit":
+            memory["capacity"] = max(contexts)
+        model.configure_memory(**memory)
     task = task_source(cfg["data"]["source"])
     if task is not None:
         raise ValueError(

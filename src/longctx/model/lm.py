@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..nn import MultiHeadAttention, NgramEmbedding, RMSNorm, Router
+from ..nn import MemoryAttention, MultiHeadAttention, NgramEmbedding, RMSNorm, Router
 from ..nn.chunking import token_chunks
 from ..nn.state import ModelState
 from .config import ModelConfig
@@ -284,6 +284,24 @@ class DecoderLM(nn.Module):
         if self.ngram is not None and crossbatch is None:
             history = torch.full((batch, self.cfg.ngram - 1), -1, dtype=torch.long, device=device)
         return ModelState(layers, history)
+
+    def memory_layers(self) -> list[MemoryAttention]:
+        """The memory layers (Focused Transformer), in order (empty for other models)."""
+        return [b.attn for b in self.blocks if isinstance(b.attn, MemoryAttention)]
+
+    def configure_memory(self, **settings) -> None:
+        """Change how every memory layer keeps and reads its memory, for states made
+        after this call: the keywords of :meth:`MemoryAttention.configure` (capacity,
+        retrieval, faiss_index, nprobe, recall_every, exact_below); no weight changes.
+        A model without memory layers raises ValueError."""
+        layers = self.memory_layers()
+        if not layers:
+            raise ValueError(
+                f"this model has no memory layers (attention {self.cfg.attention.kind!r}): "
+                "memory capacity and retrieval apply to kind = 'memory' models"
+            )
+        for layer in layers:
+            layer.configure(**settings)
 
     def cache_note(self, policy: str) -> str:
         """Why a generation cache policy is not honoured as asked (empty when it is)."""

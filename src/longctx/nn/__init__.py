@@ -4,8 +4,8 @@
   registry (:class:`Pattern`, :func:`register_pattern`, :func:`make_pattern`; built in:
   :class:`Dense`, :class:`Dilated`, :class:`SlidingWindow`, :class:`CoLT5`,
   :class:`Memory`), :class:`ConditionalAttention` (CoLT5), :class:`MemoryAttention`
-  (Focused Transformer) with retrieval (:func:`torch_topk`, :func:`faiss_search`,
-  :func:`faiss_recall`).
+  (Focused Transformer) with retrieval (:func:`torch_topk`, :class:`FaissIndex`,
+  :func:`recall_at_k`).
 - Feed-forward: :class:`SwiGLU`, :class:`ConditionalFeedForward` (CoLT5) and the
   ``[model.ffn]`` kinds (:func:`make_ffn`, :func:`register_ffn`).
 - Routing: :class:`Router`, :func:`soft_topk`, :func:`apply_routed`.
@@ -40,7 +40,7 @@ from .patterns import (
     pattern_names,
     register_pattern,
 )
-from .retrieval import FAISS_INDEXES, RETRIEVALS, faiss_recall, faiss_search, torch_topk
+from .retrieval import FAISS_INDEXES, RETRIEVALS, FaissIndex, recall_at_k, torch_topk
 from .rotary import apply_rotary
 from .routing import Router, Routing, apply_routed, soft_topk
 from .state import (
@@ -93,8 +93,8 @@ __all__ = [
     "conditional_attention_flops",
     "conditional_ffn_flops",
     "document_rules",
-    "faiss_recall",
-    "faiss_search",
+    "FaissIndex",
+    "recall_at_k",
     "ffn_names",
     "make_ffn",
     "make_kernel",

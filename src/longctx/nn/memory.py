@@ -9,7 +9,11 @@ so the result is exactly attention over their union. When a window completes, th
 layers write its keys and values to their store.
 
 Retrieval from memory (:mod:`longctx.nn.retrieval`): ``dense`` (every entry, exact),
-``topk`` (per query and head, the k largest inner products, exact) or ``faiss``.
+``topk`` (per query and head, the k largest inner products, exact) or ``faiss`` (an
+index kept in step with the store: ``ivf`` approximate, ``flat`` exact).
+
+Memory is not a parameter: its capacity and retrieval can change after training
+(:meth:`MemoryAttention.configure`, ``DecoderLM.configure_memory``).
 
 Positions of memory keys (rotary, as in the local part):
 
@@ -39,10 +43,11 @@ from torch import Tensor, nn
 from .. import ops
 from .patterns import Kernel, Pattern, register_pattern
 from .retrieval import (
+    EXACT_BELOW,
     FAISS_INDEXES,
     RETRIEVALS,
+    FaissIndex,
     attend_selected,
-    faiss_search,
     require_faiss,
     torch_topk,
 )
@@ -146,7 +151,8 @@ class MemoryAttention(nn.Module):
         topk: int = 32,
         positions: str = "absolute",
         rope_base: float = 10000.0,
-        faiss_index: str = "flat",
+        faiss_index: str = "ivf",
+        nprobe: int = 0,
         window: int = 256,
         capacity: int = 65536,
         separator: int = -1,
@@ -154,37 +160,77 @@ class MemoryAttention(nn.Module):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim {dim} is not a multiple of n_heads {n_heads}")
-        if retrieval not in RETRIEVALS:
-            raise ValueError(f"memory retrieval must be one of {RETRIEVALS}, got {retrieval!r}")
         if positions not in MEMORY_POSITIONS:
             raise ValueError(
                 f"memory positions must be one of {MEMORY_POSITIONS}, got {positions!r}"
             )
-        if faiss_index not in FAISS_INDEXES:
-            raise ValueError(f"faiss index must be one of {FAISS_INDEXES}, got {faiss_index!r}")
         if topk < 1:
             raise ValueError(f"memory topk must be >= 1, got {topk}")
-        if retrieval == "faiss":
-            require_faiss()
         self.n_heads = n_heads
         self.head_dim = dim // n_heads
-        self.retrieval = retrieval
         self.topk = topk
         self.positions = positions
         self.rope_base = rope_base
-        self.faiss_index = faiss_index
         self.window = window
-        self.capacity = capacity
         self.separator = separator
+        self.configure(
+            capacity=capacity,
+            retrieval=retrieval,
+            faiss_index=faiss_index,
+            nprobe=nprobe,
+            recall_every=0,
+            exact_below=EXACT_BELOW,
+        )
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
+
+    def configure(
+        self,
+        *,
+        capacity: int | None = None,
+        retrieval: str | None = None,
+        faiss_index: str | None = None,
+        nprobe: int | None = None,
+        recall_every: int | None = None,
+        exact_below: int | None = None,
+    ) -> None:
+        """Change how memory is kept and read (no weight changes; memories made after
+        this use it): ``capacity`` entries per row, ``retrieval`` dense/topk/faiss,
+        ``faiss_index`` ivf/flat, ``nprobe`` lists an ivf query scans (0: automatic),
+        ``recall_every``: count an index's recall against exact top-k on every n-th
+        query (0: off), ``exact_below``: an ivf row is searched exactly until it holds
+        this many entries (see :class:`FaissIndex`). None leaves a setting as it is."""
+        if capacity is not None:
+            if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+                raise ValueError(f"memory capacity must be an integer >= 1, got {capacity!r}")
+            self.capacity = capacity
+        if retrieval is not None:
+            if retrieval not in RETRIEVALS:
+                raise ValueError(f"memory retrieval must be one of {RETRIEVALS}, got {retrieval!r}")
+            if retrieval == "faiss":
+                require_faiss()
+            self.retrieval = retrieval
+        if faiss_index is not None:
+            if faiss_index not in FAISS_INDEXES:
+                raise ValueError(f"faiss index must be one of {FAISS_INDEXES}, got {faiss_index!r}")
+            self.faiss_index = faiss_index
+        if nprobe is not None:
+            if nprobe < 0:
+                raise ValueError(f"nprobe must be >= 0 (0: automatic), got {nprobe}")
+            self.nprobe = nprobe
+        for name, value in (("recall_every", recall_every), ("exact_below", exact_below)):
+            if value is not None:
+                if value < 0:
+                    raise ValueError(f"{name} must be >= 0, got {value}")
+                setattr(self, name, value)
 
     # ------------------------------------------------------------------ states
 
     def new_memory(self, batch: int, capacity: int | None = None, dtype=None, device=None):
-        """An empty :class:`MemoryStore` for this layer (default: its capacity)."""
+        """An empty :class:`MemoryStore` for this layer (default: its capacity), with
+        the search index its retrieval keeps."""
         w = self.qkv.weight
-        return MemoryStore(
+        store = MemoryStore(
             batch,
             self.n_heads,
             self.head_dim,
@@ -192,6 +238,29 @@ class MemoryAttention(nn.Module):
             dtype or w.dtype,
             device or w.device,
         )
+        self._index(store)
+        return store
+
+    def _index(self, store: MemoryStore) -> FaissIndex | None:
+        """The store's search index for ``faiss`` retrieval, attached (and built over
+        what the store holds) if the store has none yet."""
+        if self.retrieval != "faiss":
+            return None
+        if store.index is None:
+            store.index = FaissIndex(
+                store.batch,
+                kind=self.faiss_index,
+                nprobe=self.nprobe,
+                exact_below=self.exact_below,
+                recall_every=self.recall_every,
+            )
+            for row in range(store.batch):
+                store.index.build(store, row)
+        index = store.index
+        if index.nprobe != self.nprobe:  # the layer was configured since
+            index.set_nprobe(self.nprobe)
+        index.recall_every = self.recall_every
+        return index
 
     def new_state(
         self,
@@ -239,6 +308,8 @@ class MemoryAttention(nn.Module):
         """(out, lse) (B, H, n, D) of memory queries over ``memory``; ``visible`` (B, n)
         hides the memory from some queries."""
         used = max(memory.filled, 1)  # skip never-written slots (a store fills from 0)
+        if self.retrieval == "faiss":  # before the copies: the index reads the store
+            idx = self._index(memory).search(memory, qm.detach(), self.topk)
         mk, mv, valid = memory.k[:, :, :used], memory.v[:, :, :used], memory.valid[:, :used]
         if torch.is_grad_enabled():  # backward needs them as read, and the store moves on
             mk, mv, valid = mk.clone(), mv.clone(), valid.clone()
@@ -250,10 +321,10 @@ class MemoryAttention(nn.Module):
             return ops.masked_attention(qm, mk, mv, mask, return_lse=True)
         if self.retrieval == "topk":
             idx = torch_topk(mk, valid, qm.detach(), self.topk)
-        else:
-            idx = faiss_search(mk, valid, qm, self.topk, self.faiss_index)
         if visible is not None:
             idx = idx.masked_fill(~visible[:, None, :, None], -1)
+        if not torch.is_grad_enabled():  # whole buffers: contiguous, so no copy to index
+            mk, mv = memory.k.to(qm.dtype), memory.v.to(qm.dtype)
         return attend_selected(qm, mk, mv, idx, self.head_dim**-0.5)
 
     # ------------------------------------------------------------------ forward
@@ -393,8 +464,10 @@ class Memory(Pattern):
     attends causally within windows of ``window`` positions; the layers in ``layers``
     also read a memory of earlier windows (:class:`MemoryAttention`): ``capacity``
     entries per layer and batch row (FIFO), ``retrieval`` dense/topk/faiss (``topk``
-    keys; ``faiss_index`` flat/hnsw), memory key ``positions`` none/zero/absolute, and a
-    document ``separator`` token (-1: none) that clears a row's memory."""
+    keys; ``faiss_index`` ivf/flat, ``nprobe`` lists an ivf query scans, 0: automatic),
+    memory key ``positions`` none/zero/absolute, and a document ``separator`` token
+    (-1: none) that clears a row's memory. Capacity and retrieval can be changed after
+    training (``DecoderLM.configure_memory``)."""
 
     kind: ClassVar[str] = "memory"
     strategies: ClassVar[tuple[str, ...]] = ()
@@ -404,7 +477,8 @@ class Memory(Pattern):
     retrieval: str = "dense"
     topk: int = 32
     positions: str = "zero"
-    faiss_index: str = "flat"
+    faiss_index: str = "ivf"
+    nprobe: int = 0
     separator: int = 256
 
     def __post_init__(self):
@@ -422,6 +496,10 @@ class Memory(Pattern):
         for name in ("window", "capacity", "topk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.attention.{name} must be >= 1, got {getattr(self, name)}")
+        if self.nprobe < 0:
+            raise ValueError(
+                f"model.attention.nprobe must be >= 0 (0: automatic), got {self.nprobe}"
+            )
         for name, allowed in (
             ("retrieval", RETRIEVALS),
             ("positions", MEMORY_POSITIONS),
@@ -451,6 +529,7 @@ class Memory(Pattern):
             positions=self.positions,
             rope_base=rope_base,
             faiss_index=self.faiss_index,
+            nprobe=self.nprobe,
             window=self.window,
             capacity=self.capacity,
             separator=self.separator,

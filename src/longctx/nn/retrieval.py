@@ -3,21 +3,26 @@
 - ``dense``: every valid entry (exact; no selection, see :mod:`longctx.nn.memory`);
 - ``topk``: per query and head, the k keys with the largest inner product
   (:func:`torch_topk`, exact);
-- ``faiss``: the same k found through a faiss index per (batch row, head)
-  (:func:`faiss_search`; ``flat`` is exact, ``hnsw`` approximate, with its recall
-  against exact top-k from :func:`faiss_recall`). Needs the optional extra:
-  ``pip install longctx[faiss]``.
+- ``faiss``: the k found through an index per (batch row, head) that is kept in step
+  with the store as windows are written (:class:`FaissIndex`): ``ivf`` (approximate,
+  an inverted file: a query reads about N^(3/4) of N keys) or ``flat`` (exact). Needs
+  the optional extra: ``pip install longctx[faiss]``.
 
-:func:`attend_selected` attends each query over its own selected slots.
+:func:`recall_at_k` counts found slots against exact top-k; :func:`attend_selected`
+attends each query over its own selected slots.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 RETRIEVALS = ("dense", "topk", "faiss")
-FAISS_INDEXES = ("flat", "hnsw")
+FAISS_INDEXES = ("flat", "ivf")
+EXACT_BELOW = 16384  # an ivf row searches exactly (torch) until it holds this many entries
+REGROW = 4  # an ivf row is rebuilt (more lists) each time it grows this many times
 
 
 def require_faiss():
@@ -34,40 +39,11 @@ def require_faiss():
     return faiss
 
 
-def faiss_search(keys: Tensor, valid: Tensor, queries: Tensor, k: int, index: str = "flat"):
-    """Top-k memory slots by inner product through faiss: keys (B, H, C, D), valid
-    (B, C), queries (B, H, n, D) -> slot indices (B, H, n, k) (-1 where fewer than k).
-    One index per (row, head) over its valid entries."""
-    faiss = require_faiss()
-    if index not in FAISS_INDEXES:
-        raise ValueError(f"faiss index must be one of {FAISS_INDEXES}, got {index!r}")
-    B, H, C, D = keys.shape
-    n = queries.shape[2]
-    out = torch.full((B, H, n, k), -1, dtype=torch.long)
-    for b in range(B):
-        slots = valid[b].nonzero().flatten().cpu()
-        if len(slots) == 0:
-            continue
-        for h in range(H):
-            data = keys[b, h, slots].detach().float().cpu().contiguous().numpy()
-            if index == "flat":
-                ix = faiss.IndexFlatIP(D)
-            else:
-                ix = faiss.IndexHNSWFlat(D, 32, faiss.METRIC_INNER_PRODUCT)
-                ix.hnsw.efSearch = max(64, 2 * k)
-            ix.add(data)
-            q = queries[b, h].detach().float().cpu().contiguous().numpy()
-            _, found = ix.search(q, min(k, len(slots)))
-            found_t = torch.from_numpy(found).long()
-            mapped = torch.where(found_t >= 0, slots[found_t.clamp_min(0)], found_t)
-            out[b, h, :, : mapped.shape[1]] = mapped
-    return out.to(keys.device)
-
-
 def torch_topk(keys: Tensor, valid: Tensor, queries: Tensor, k: int) -> Tensor:
     """Exact top-k memory slots by inner product (B, H, n, k); -1 past the valid count."""
     scores = torch.matmul(queries, keys.transpose(-1, -2))  # (B, H, n, C)
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    if not bool(valid.all()):
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     kk = min(k, keys.shape[2])
     top = scores.topk(kk, dim=-1)
     idx = top.indices.masked_fill(torch.isneginf(top.values), -1)
@@ -77,16 +53,183 @@ def torch_topk(keys: Tensor, valid: Tensor, queries: Tensor, k: int) -> Tensor:
     return idx
 
 
-def faiss_recall(keys: Tensor, valid: Tensor, queries: Tensor, k: int, index: str) -> float:
-    """Fraction of the exact top-k slots that the faiss index finds."""
-    exact = torch_topk(keys, valid, queries, k)
-    approx = faiss_search(keys, valid, queries, k, index)
-    hit, total = 0, 0
-    for e, a in zip(exact.reshape(-1, k).tolist(), approx.reshape(-1, k).tolist()):
-        want = {s for s in e if s >= 0}
-        hit += len(want & set(a))
-        total += len(want)
-    return hit / max(total, 1)
+def recall_at_k(found: Tensor, exact: Tensor) -> tuple[int, int]:
+    """(hits, total): how many of the exact top-k slots (..., k) (-1 = none) are among
+    the ``found`` slots (..., k) of the same query."""
+    want = exact >= 0
+    hit = (exact.unsqueeze(-1) == found.unsqueeze(-2)).any(dim=-1) & want  # (..., k)
+    return int(hit.sum()), int(want.sum())
+
+
+class FaissIndex:
+    """Top-k search over a :class:`~longctx.nn.state.MemoryStore`'s keys by inner
+    product, one faiss index per (batch row, head), updated as the store is written
+    (entries are added as windows arrive and removed when the ring overwrites them or a
+    row is cleared), so no read rebuilds anything. Index ids are store slots.
+
+    ``kind="ivf"``: an inverted file (IVF-Flat, Jegou et al., "Product quantization for
+    nearest neighbor search", PAMI 2011): a row's keys are clustered into ``lists``
+    lists by k-means (default 4 sqrt(entries), a power of 2) and a query scans the
+    ``nprobe`` lists whose centroids score highest (default 3 sqrt(lists)), so it
+    reads about N^(3/4) of N keys. Approximate: :attr:`recall` counts, on every
+    ``recall_every``-th query (0: never), how many of the exact top-k it found. A row
+    is searched exactly (torch) until it holds ``exact_below`` entries, and rebuilt
+    with more lists each time it grows ``REGROW`` times. ``nprobe >= lists`` is exact.
+    ``kind="flat"``: one list, every key scanned: exact.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        *,
+        kind: str = "ivf",
+        nprobe: int = 0,
+        exact_below: int = EXACT_BELOW,
+        recall_every: int = 0,
+    ):
+        self.faiss = require_faiss()
+        if kind not in FAISS_INDEXES:
+            raise ValueError(f"faiss index must be one of {FAISS_INDEXES}, got {kind!r}")
+        if nprobe < 0 or exact_below < 0 or recall_every < 0:
+            raise ValueError(
+                "nprobe, exact_below and recall_every must be >= 0, got "
+                f"{nprobe}, {exact_below}, {recall_every}"
+            )
+        self.kind = kind
+        self.nprobe = nprobe
+        self.exact_below = 0 if kind == "flat" else exact_below
+        self.recall_every = recall_every
+        self.rows: list[list | None] = [None] * batch  # per row: one index per head
+        self.built_at = [0] * batch  # entries the row held when its index was built
+        self.hits = self.total = 0  # recall counts (see recall_every)
+
+    @property
+    def recall(self) -> float | None:
+        """Fraction of the exact top-k found, over the sampled queries (None: none)."""
+        return self.hits / self.total if self.total else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the indexes: keys (float32), ids and centroids, plus the id hash
+        map used for removal (estimated at 16 bytes per entry)."""
+        total = 0
+        for indexes in self.rows:
+            for index in indexes or []:
+                total += index.ntotal * (4 * index.d + 8 + 16) + index.nlist * 4 * index.d
+        return total
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Lists a query scans from now on (0: automatic), also in built indexes."""
+        if nprobe < 0:
+            raise ValueError(f"nprobe must be >= 0 (0: automatic), got {nprobe}")
+        self.nprobe = nprobe
+        for indexes in self.rows:
+            for index in indexes or []:
+                index.nprobe = self.probes(index.nlist)
+
+    def lists_for(self, entries: int) -> int:
+        """Lists of an index built over ``entries`` keys."""
+        if self.kind == "flat":
+            return 1
+        target = 4 * math.sqrt(max(entries, 1))
+        return max(1, min(2 ** round(math.log2(target)), entries // 8 or 1))
+
+    def probes(self, lists: int) -> int:
+        """Lists a query scans."""
+        return min(lists, self.nprobe or max(1, round(3 * math.sqrt(lists))))
+
+    # ------------------------------------------------------------ kept in step
+
+    def build(self, store, row: int) -> None:
+        """(Re)build a row's indexes over every entry it holds (exact until it holds
+        ``exact_below``)."""
+        slots = store.valid[row].nonzero().flatten()
+        n = len(slots)
+        if n == 0 or n < self.exact_below:
+            self.rows[row], self.built_at[row] = None, 0
+            return
+        faiss = self.faiss
+        ids = slots.cpu().numpy().astype("int64")
+        lists = self.lists_for(n)
+        indexes = []
+        for h in range(store.k.shape[1]):
+            keys = store.k[row, h, slots].detach().float().cpu().contiguous().numpy()
+            dim = keys.shape[1]
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+            if lists == 1:
+                index.quantizer.add(keys[:1] * 0)  # one centroid: every key in one list
+                index.is_trained = True
+            else:
+                index.cp.niter = 10
+                index.cp.max_points_per_centroid = 32  # k-means on a sample
+                index.cp.min_points_per_centroid = 4  # (lists_for keeps >= 8)
+                index.cp.seed = row * 1000 + h
+                index.train(keys)
+            index.set_direct_map_type(faiss.DirectMap.Hashtable)  # removal by id
+            index.add_with_ids(keys, ids)
+            index.nprobe = self.probes(lists)
+            indexes.append(index)
+        self.rows[row], self.built_at[row] = indexes, n
+
+    def written(self, store, rows: Tensor, slots: Tensor, replaced: Tensor) -> None:
+        """The store wrote entries at (rows, slots) (each (m,)); ``replaced`` (m,) marks
+        slots that held an older entry."""
+        for row in rows.unique().tolist():
+            mine = rows == row
+            held = int(store.valid[row].sum())
+            indexes = self.rows[row]
+            if indexes is None:
+                if held >= self.exact_below:
+                    self.build(store, row)
+                continue
+            if held >= REGROW * self.built_at[row] and self.kind == "ivf":
+                self.build(store, row)
+                continue
+            new = slots[mine]
+            old = new[replaced[mine]].cpu().numpy().astype("int64")
+            ids = new.cpu().numpy().astype("int64")
+            for h, index in enumerate(indexes):
+                if len(old):
+                    index.remove_ids(self.faiss.IDSelectorArray(len(old), self.faiss.swig_ptr(old)))
+                keys = store.k[row, h, new].detach().float().cpu().contiguous().numpy()
+                index.add_with_ids(keys, ids)
+
+    def cleared(self, row: int) -> None:
+        """The store forgot a row."""
+        self.rows[row], self.built_at[row] = None, 0
+
+    # ------------------------------------------------------------ search
+
+    def search(self, store, queries: Tensor, k: int) -> Tensor:
+        """Top-k slots (B, H, n, k) (-1 where fewer) of queries (B, H, n, D)."""
+        B, H, n, _ = queries.shape
+        out = torch.full((B, H, n, k), -1, dtype=torch.long, device=queries.device)
+        used = max(store.filled, 1)
+        small = [row for row in range(B) if self.rows[row] is None]
+        if len(small) == B:  # exact, every row (no copies)
+            keys = store.k[:, :, :used].to(queries.dtype)
+            return torch_topk(keys, store.valid[:, :used], queries, k)
+        if small:  # exact, those rows together
+            rows = torch.tensor(small, device=queries.device)
+            keys = store.k[:, :, :used].index_select(0, rows).to(queries.dtype)
+            valid = store.valid[:, :used].index_select(0, rows)
+            out[rows] = torch_topk(keys, valid, queries.index_select(0, rows), k)
+        for row in range(B):
+            if self.rows[row] is None:
+                continue
+            q = queries[row]  # (H, n, D)
+            for h, index in enumerate(self.rows[row]):
+                _, found = index.search(q[h].float().cpu().contiguous().numpy(), k)
+                out[row, h] = torch.from_numpy(found).to(out.device)
+            if self.recall_every:
+                sample = q[None, :, :: self.recall_every]
+                keys = store.k[row : row + 1, :, :used].to(q.dtype)
+                exact = torch_topk(keys, store.valid[row : row + 1, :used], sample, k)
+                hits, total = recall_at_k(out[row : row + 1, :, :: self.recall_every], exact)
+                self.hits += hits
+                self.total += total
+        return out
 
 
 def attend_selected(q: Tensor, keys: Tensor, vals: Tensor, idx: Tensor, scale: float):
@@ -94,10 +237,11 @@ def attend_selected(q: Tensor, keys: Tensor, vals: Tensor, idx: Tensor, scale: f
     (B, H, n, k) (-1 = none): (out, lse), differentiable in q, keys and vals."""
     B, H, n, k = idx.shape
     D, Dv = keys.shape[-1], vals.shape[-1]
-    safe = idx.clamp_min(0)
-    flat = safe.reshape(B, H, n * k, 1)
-    ks = keys.gather(2, flat.expand(-1, -1, -1, D)).view(B, H, n, k, D)
-    vs = vals.gather(2, flat.expand(-1, -1, -1, Dv)).view(B, H, n, k, Dv)
+    C = keys.shape[2]
+    base = torch.arange(B * H, device=idx.device).view(B, H, 1, 1) * C
+    flat = (idx.clamp_min(0) + base).reshape(-1)  # rows of keys viewed as (B * H * C, D)
+    ks = keys.reshape(-1, D).index_select(0, flat).view(B, H, n, k, D)
+    vs = vals.reshape(-1, Dv).index_select(0, flat).view(B, H, n, k, Dv)
     scores = torch.einsum("bhnd,bhnkd->bhnk", q, ks) * scale
     scores = scores.masked_fill(idx < 0, float("-inf"))
     empty = (idx < 0).all(dim=-1, keepdim=True)
@@ -112,9 +256,10 @@ def attend_selected(q: Tensor, keys: Tensor, vals: Tensor, idx: Tensor, scale: f
 __all__ = [
     "FAISS_INDEXES",
     "RETRIEVALS",
+    "EXACT_BELOW",
+    "FaissIndex",
     "attend_selected",
-    "faiss_recall",
-    "faiss_search",
+    "recall_at_k",
     "require_faiss",
     "torch_topk",
 ]

@@ -285,14 +285,34 @@ class MemoryStore:
         if capacity < 1:
             raise ValueError(f"memory capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        shape = (batch, heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        self.age = torch.zeros(batch, capacity, dtype=torch.long, device=device)  # write order
-        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        # the buffers grow (doubling) up to the capacity as entries arrive, so a store
+        # larger than what is ever written costs only what is written
+        slots = min(capacity, self.FIRST_SLOTS)
+        self.k = torch.zeros(batch, heads, slots, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.zeros(batch, slots, dtype=torch.long, device=device)
+        self.age = torch.zeros(batch, slots, dtype=torch.long, device=device)  # write order
+        self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
         self.written = [0] * batch  # entries ever written per row (ring pointer = % C)
-        self.version = 0  # bumped on every change (indexes built over it are rebuilt)
+        self.version = 0  # bumped on every change
+        self.index = None  # a search index kept in step (retrieval.FaissIndex), if any
+
+    FIRST_SLOTS = 4096
+
+    def _grow(self, slots: int) -> None:
+        """Make room for slot indices < ``slots`` (<= capacity)."""
+        have = self.k.shape[2]
+        if slots <= have:
+            return
+        new = min(self.capacity, max(slots, 2 * have))
+
+        def wider(t: Tensor, dim: int) -> Tensor:
+            shape = list(t.shape)
+            shape[dim] = new - have
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+        self.k, self.v = wider(self.k, 2), wider(self.v, 2)
+        self.pos, self.age, self.valid = (wider(t, 1) for t in (self.pos, self.age, self.valid))
 
     @property
     def batch(self) -> int:
@@ -339,6 +359,9 @@ class MemoryStore:
             order = written.unsqueeze(-1) + rank - skip.unsqueeze(-1)  # (B, n) write order
             rows, cols = write.nonzero(as_tuple=True)
             slots = order[rows, cols] % C
+            if len(slots):
+                self._grow(int(slots.max()) + 1)
+            replaced = self.valid[rows, slots]
             self.k[rows, :, slots] = k[rows, :, cols].to(self.k.dtype)
             self.v[rows, :, slots] = v[rows, :, cols].to(self.v.dtype)
             self.pos[rows, slots] = pos[rows, cols]
@@ -346,6 +369,8 @@ class MemoryStore:
             self.valid[rows, slots] = True
             self.written = [w + m for w, m in zip(self.written, (count - skip).tolist())]
         self.version += 1
+        if self.index is not None and len(slots):
+            self.index.written(self, rows, slots, replaced)
 
     def clear(self, rows=None) -> None:
         """Forget everything in the given rows (default: all rows)."""
@@ -353,6 +378,8 @@ class MemoryStore:
         for b in rows:
             self.valid[b] = False
             self.written[b] = 0
+            if self.index is not None:
+                self.index.cleared(b)
         self.version += 1
 
     def entries(self, row: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -370,6 +397,7 @@ class MemoryStore:
             "age": self.age,
             "valid": self.valid,
             "written": torch.tensor(self.written, dtype=torch.long),
+            "capacity": torch.tensor(self.capacity, dtype=torch.long),
         }
 
     def save(self, path: str | Path) -> None:
@@ -393,6 +421,8 @@ class MemoryStore:
         if missing:
             raise ValueError(f"memory file {path} lacks {sorted(missing)}")
         B, H, C, D = data["k"].shape
+        if "capacity" in data:  # absent in files written before the buffers could grow
+            C = int(data["capacity"])
         store = cls(B, H, D, C, data["k"].dtype, device)
         store.k, store.v = data["k"], data["v"]
         store.pos, store.age, store.valid = data["pos"], data["age"], data["valid"]
