@@ -246,3 +246,19 @@ def test_bench_memory_smoke(tmp_path, capsys):
     assert "unknown retrieval" in capsys.readouterr().err
     assert cli.main(["bench", "memory", "--sizes", "100", "--out", str(out)]) == 2
     assert "multiples of the memory window 64" in capsys.readouterr().err
+
+
+def test_a_partly_grown_store_keeps_its_capacity_through_save_and_load(tmp_path):
+    store = MemoryStore(1, 1, 2, 10_000, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(3)
+    store.add(torch.randn(1, 1, 100, 2, generator=g), torch.randn(1, 1, 100, 2), torch.arange(100))
+    assert store.k.shape[2] < store.capacity  # buffers smaller than the capacity
+    store.save(tmp_path / "m.safetensors")
+    again = MemoryStore.load(tmp_path / "m.safetensors")
+    assert again.capacity == 10_000
+    for a, b in zip(store.entries(0), again.entries(0), strict=True):
+        assert torch.equal(a, b)
+    more = torch.arange(100, 5000)
+    k = torch.randn(1, 1, len(more), 2, generator=g)
+    again.add(k, k, more)  # grows past the saved buffers
+    assert again.size(0) == 5000 and torch.equal(again.entries(0)[2], torch.arange(5000))

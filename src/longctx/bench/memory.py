@@ -27,6 +27,7 @@ from ..config import load_preset
 from ..data.tasks import kv_retrieval
 from ..model import DecoderLM, ModelConfig, latest_checkpoint, load_model
 from ..nn.retrieval import EXACT_BELOW, require_faiss
+from ..nn.state import MemoryState
 from . import common
 
 RETRIEVAL_MODES = {
@@ -133,6 +134,7 @@ def run(args) -> list[dict]:
     for layer in layers:
         layer.topk = topk
     state = model.new_state(1)
+    stores = [s.store for s in state.layers if isinstance(s, MemoryState)]  # grow in place
     info = common.machine_info(device)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
@@ -150,7 +152,7 @@ def run(args) -> list[dict]:
 
     try:
         for size in sizes:
-            entries = state.layers[_first(layers, model)].store.size(0)
+            entries = stores[0].size(0)
             while entries < size:  # fill (untimed) up to this size
                 step = min(FILL_CHUNK * W, size - entries)
                 feed(step)
@@ -158,7 +160,7 @@ def run(args) -> list[dict]:
                 entries += step
             timer.take()
             for mode in modes:
-                row = _measure(model, layers, state, mode, size, feed, timer, args, W)
+                row = _measure(model, stores, mode, size, feed, timer, args, W)
                 row.update(
                     bench="memory",
                     model=source,
@@ -192,16 +194,10 @@ def run(args) -> list[dict]:
     return rows
 
 
-def _first(layers, model) -> int:
-    """Index of the first memory layer in the model's layer list."""
-    return next(i for i, b in enumerate(model.blocks) if b.attn is layers[0])
-
-
-def _measure(model, layers, state, mode, size, feed, timer, args, W) -> dict:
+def _measure(model, stores, mode, size, feed, timer, args, W) -> dict:
     """Time ``mode`` on the next windows and single tokens; recall on one more window.
     Dense and exact top-k run with the stores' indexes detached (their upkeep is ivf's
     cost), which then catch up with what was written meanwhile."""
-    stores = [s.store for s in state.layers if getattr(s, "store", None) is not None]
     model.configure_memory(nprobe=args.nprobe, recall_every=0, **RETRIEVAL_MODES[mode])
     indexes = [s.index for s in stores]
     since = [list(s.written) for s in stores]

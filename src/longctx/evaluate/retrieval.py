@@ -94,8 +94,8 @@ def exact_matches(model: DecoderLM, examples, batch: int = 4, stats: dict | None
             hidden = model.hidden_states(seq[:, a - 1 : -1], state)  # (b, len(answer), C)
             if stats is not None:
                 for layer_state in state.layers:
-                    index = getattr(getattr(layer_state, "store", None), "index", None)
-                    if index is not None:
+                    if isinstance(layer_state, MemoryState) and layer_state.store.index is not None:
+                        index = layer_state.store.index
                         stats["recall_hits"] = stats.get("recall_hits", 0) + index.hits
                         stats["recall_total"] = stats.get("recall_total", 0) + index.total
         logits = model.head(hidden)  # the answer positions only

@@ -313,6 +313,8 @@ class MemoryAttention(nn.Module):
         mk, mv, valid = memory.k[:, :, :used], memory.v[:, :, :used], memory.valid[:, :used]
         if torch.is_grad_enabled():  # backward needs them as read, and the store moves on
             mk, mv, valid = mk.clone(), mv.clone(), valid.clone()
+        elif self.retrieval != "dense":  # whole buffers: contiguous, so selecting copies none
+            mk, mv = memory.k, memory.v
         mk, mv = mk.to(qm.dtype), mv.to(qm.dtype)
         if self.retrieval == "dense":
             mask = valid[:, None, None, :]
@@ -320,11 +322,9 @@ class MemoryAttention(nn.Module):
                 mask = mask & visible[:, None, :, None]
             return ops.masked_attention(qm, mk, mv, mask, return_lse=True)
         if self.retrieval == "topk":
-            idx = torch_topk(mk, valid, qm.detach(), self.topk)
+            idx = torch_topk(mk[:, :, :used], valid, qm.detach(), self.topk)
         if visible is not None:
             idx = idx.masked_fill(~visible[:, None, :, None], -1)
-        if not torch.is_grad_enabled():  # whole buffers: contiguous, so no copy to index
-            mk, mv = memory.k.to(qm.dtype), memory.v.to(qm.dtype)
         return attend_selected(qm, mk, mv, idx, self.head_dim**-0.5)
 
     # ------------------------------------------------------------------ forward

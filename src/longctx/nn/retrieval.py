@@ -53,6 +53,11 @@ def torch_topk(keys: Tensor, valid: Tensor, queries: Tensor, k: int) -> Tensor:
     return idx
 
 
+def _numpy(t: Tensor):
+    """Vectors (m, D) as faiss takes them: a contiguous float32 numpy array on the CPU."""
+    return t.detach().float().cpu().contiguous().numpy()
+
+
 def recall_at_k(found: Tensor, exact: Tensor) -> tuple[int, int]:
     """(hits, total): how many of the exact top-k slots (..., k) (-1 = none) are among
     the ``found`` slots (..., k) of the same query."""
@@ -153,7 +158,7 @@ class FaissIndex:
         lists = self.lists_for(n)
         indexes = []
         for h in range(store.k.shape[1]):
-            keys = store.k[row, h, slots].detach().float().cpu().contiguous().numpy()
+            keys = _numpy(store.k[row, h, slots])
             dim = keys.shape[1]
             quantizer = faiss.IndexFlatIP(dim)
             index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
@@ -192,7 +197,7 @@ class FaissIndex:
             for h, index in enumerate(indexes):
                 if len(old):
                     index.remove_ids(self.faiss.IDSelectorArray(len(old), self.faiss.swig_ptr(old)))
-                keys = store.k[row, h, new].detach().float().cpu().contiguous().numpy()
+                keys = _numpy(store.k[row, h, new])
                 index.add_with_ids(keys, ids)
 
     def cleared(self, row: int) -> None:
@@ -220,7 +225,7 @@ class FaissIndex:
                 continue
             q = queries[row]  # (H, n, D)
             for h, index in enumerate(self.rows[row]):
-                _, found = index.search(q[h].float().cpu().contiguous().numpy(), k)
+                _, found = index.search(_numpy(q[h]), k)
                 out[row, h] = torch.from_numpy(found).to(out.device)
             if self.recall_every:
                 sample = q[None, :, :: self.recall_every]
