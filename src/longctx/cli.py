@@ -24,6 +24,10 @@ BENCHES = {
         "memory",
         "memory layers: time per token and bytes vs store size (dense, top-k, ivf), recall",
     ),
+    "hf": (
+        "hf",
+        "a tiny Llama in transformers: sdpa vs longctx_dilated prefill, decode, cache bytes",
+    ),
     "colt5": ("colt5", "CoLT5 routed feed-forward and attention vs dense: time and FLOPs vs N"),
     "parallel": (
         "parallel",
@@ -271,6 +275,63 @@ def _memory_options(args) -> dict:
     return out
 
 
+def _export_hf(args) -> int:
+    from .model import export_hf, latest_checkpoint, load_model
+
+    run_dir = Path(args.run_dir)
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    model, _ = load_model(ckpt)
+    out = export_hf(model, args.out_dir, overwrite=args.force)
+    print(f"wrote {out} (LlamaForCausalLM, from {ckpt}); load it with transformers'")
+    print(f"from_pretrained('{out}') or longctx.model.from_hf('{out}')")
+    if model.cfg.attention.kind != "dense":
+        backend = {"dilated": "longctx_dilated", "sliding_window": "longctx_sliding"}
+        print(
+            f"its attention is {model.cfg.attention.kind!r}: import longctx.hf and load with "
+            f"attn_implementation='{backend[model.cfg.attention.kind]}'"
+        )
+    return 0
+
+
+def _import_hf(args) -> int:
+    from .model import from_hf, save_checkpoint
+    from .train.config import RunConfig
+
+    run_dir = Path(args.run_dir)
+    if (run_dir / "checkpoints").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; choose a new directory")
+    model = from_hf(args.source)
+    cfg = RunConfig.from_dict(
+        {"model": model.cfg.to_dict(), "train": {"context": args.context}, "data": {}}
+    )
+    meta = {"tokens": 0, "config": cfg.to_dict(), "imported_from": str(args.source)}
+    ckpt = save_checkpoint(run_dir / "checkpoints", 0, {"model": model.state_dict()}, meta)
+    print(f"wrote {ckpt} ({model.num_params():,} parameters, {model.cfg.attention.kind} attention)")
+    print(f"longctx eval, generate, info and bench take {run_dir} as a run directory")
+    return 0
+
+
+def _hf_parsers(sub) -> None:
+    p = sub.add_parser(
+        "export-hf", help="write a run's model as a Hugging Face LlamaForCausalLM directory"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    p.set_defaults(func=_export_hf)
+    p = sub.add_parser(
+        "import-hf",
+        help="make a run directory from a local Llama-architecture checkpoint (config.json + "
+        "safetensors)",
+    )
+    p.add_argument("source", help="a checkpoint directory (nothing is downloaded)")
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--context", type=int, default=2048, help="the context the run records (eval's 1x)"
+    )
+    p.set_defaults(func=_import_hf)
+
+
 def _info(args) -> int:
     import json
 
@@ -379,6 +440,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
     _generate_parser(sub)
+    _hf_parsers(sub)
     _bench_parser(sub, argv[1] if argv and len(argv) > 1 and argv[0] == "bench" else None)
     return parser
 
@@ -573,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
             _import(name)
         return args.func(args)
     # bad input or a missing optional dependency: a clear message, no traceback
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
         print(f"longctx: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,16 +11,20 @@ from .checkpoint import (
 )
 from .config import ModelConfig
 from .generate import CACHE_POLICIES, Generation, generate, prefill_chunk
+from .hf import ConversionError, export_hf, from_hf
 from .lm import DecoderBlock, DecoderLM, LossTerms
 
 __all__ = [
     "CACHE_POLICIES",
     "CheckpointError",
+    "ConversionError",
     "DecoderBlock",
     "DecoderLM",
     "Generation",
     "LossTerms",
     "ModelConfig",
+    "export_hf",
+    "from_hf",
     "generate",
     "latest_checkpoint",
     "list_checkpoints",

@@ -127,7 +127,8 @@ def _naming_old_keys(renamed: dict[str, str]):
 @dataclass(init=False)
 class ModelConfig:
     """Decoder LM: byte vocabulary, pre-norm blocks (RMSNorm, attention with rotary
-    positions, feed-forward), tied embeddings.
+    positions, feed-forward), tied input/output embeddings unless ``tie_embeddings`` is
+    false (then the output head is its own matrix, as in most Llama checkpoints).
 
     ``attention`` is the attention pattern of the layers (a registered kind, a table
     ``{"kind": ..., **keys}`` or a :class:`~longctx.nn.Pattern`; default dense) and
@@ -149,6 +150,7 @@ class ModelConfig:
     # one shortens the loss plateau before attention learns to match content
     attn_init_std: float = 0.0
     colt5_aux_weight: float = 0.01  # weight of the CoLT5 routers' auxiliary loss
+    tie_embeddings: bool = True  # false: a separate output head (lm_head)
     attention: Pattern = field(default_factory=Dense)
     ffn: FeedForwardKind = field(default_factory=SwiGLUFFN)
 
@@ -193,6 +195,10 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"model.{name} must be a number >= 0, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(
+                f"model.tie_embeddings must be true or false, got {self.tie_embeddings!r}"
+            )
         if self.init_std == 0:
             raise ValueError("model.init_std must be > 0")
         if self.ffn_hidden < 0:

@@ -85,7 +85,8 @@ class DecoderBlock(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    """Pre-norm decoder over byte tokens with tied input/output embeddings (config:
+    """Pre-norm decoder over byte tokens with tied input/output embeddings, or a separate
+    output head ``lm_head`` when ``cfg.tie_embeddings`` is false (config:
     :class:`ModelConfig`)."""
 
     def __init__(self, cfg: ModelConfig):
@@ -97,6 +98,9 @@ class DecoderLM(nn.Module):
         )
         self.blocks = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        )
         # layers that keep a state even in a plain forward (memory)
         self.needs_state = any(getattr(b.attn, "needs_state", False) for b in self.blocks)
         self.token_chunk = 0  # see set_activation_checkpointing
@@ -144,8 +148,10 @@ class DecoderLM(nn.Module):
 
     def head(self, x: Tensor) -> Tensor:
         """Logits (B, N, vocab) of the last block's output x (B, N, C): the final norm and
-        the tied output embedding; float32 (float64 for a float64 model)."""
-        logits = F.linear(self.norm(x), self.embed.weight)
+        the output embedding (tied, or ``lm_head``); float32 (float64 for a float64
+        model)."""
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(self.norm(x), w)
         return logits if logits.dtype == torch.float64 else logits.float()
 
     def hidden_states(
@@ -381,10 +387,12 @@ class DecoderLM(nn.Module):
     # ------------------------------------------------------------------ size and cost
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters; ``non_embedding`` leaves out the token (and n-gram) tables."""
+        """Parameters; ``non_embedding`` leaves out the token (and n-gram) tables and an
+        untied output head."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.embed.weight.numel()
+            n -= 0 if self.lm_head is None else self.lm_head.weight.numel()
             n -= 0 if self.ngram is None else self.ngram.tables.numel()
         return n
 

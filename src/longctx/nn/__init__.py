@@ -53,6 +53,7 @@ from .state import (
     ModelState,
     RecurrentState,
     RoutedKVCache,
+    RowDilatedKVCache,
 )
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "Dense",
     "Dilated",
     "DilatedKVCache",
+    "RowDilatedKVCache",
     "FeedForwardKind",
     "KVCache",
     "LayerState",

@@ -43,11 +43,12 @@ from ..config import Registry
 from ..ops.lowlevel import (
     check_branches,
     head_offset_groups,
+    head_offsets,
     query_rows_per_tile,
     sliding_window_attention_at,
     tiled_masked_attention,
 )
-from .state import DilatedKVCache, KVCache, LayerState
+from .state import DilatedKVCache, KVCache, LayerState, RowDilatedKVCache
 
 Kernel = Callable[[Tensor, Tensor, Tensor], Tensor]
 CACHE_POLICIES = ("full", "dilated")  # decode states; generation adds "none" (no state)
@@ -80,9 +81,10 @@ class Pattern:
     # ------------------------------------------------------------------ attention
 
     def mask(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """(n, m) bool: which keys at positions ``k_pos`` (m,) the queries at ``q_pos``
-        (n,) see. Causality (key <= query) is added by the generic paths; a pattern with
-        its own kernel, decode and FLOPs need not define this."""
+        """(..., n, m) bool: which keys at positions ``k_pos`` (..., m) the queries at
+        ``q_pos`` (..., n) see (leading axes, such as a batch of rows at different
+        positions, broadcast). Causality (key <= query) is added by the generic paths; a
+        pattern with its own kernel, decode and FLOPs need not define this."""
         raise NotImplementedError(
             f"pattern {self.kind!r} defines neither mask() nor its own kernel/attend/flops"
         )
@@ -278,7 +280,7 @@ class Dense(Pattern):
     strategies: ClassVar[tuple[str, ...]] = ("ring", "ulysses")
 
     def mask(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        return k_pos[None, :] <= q_pos[:, None]
+        return k_pos[..., None, :] <= q_pos[..., :, None]
 
     def kernel(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return ops.attention(q, k, v, causal=True)
@@ -344,14 +346,26 @@ class Dilated(Pattern):
     def pair_counts(self, q_pos: Tensor, k_pos: Tensor, n_heads: int) -> Tensor:
         # a key counts once per branch in which it shares the query's segment and the
         # head's residue (the union with multiplicity that the branch merge computes)
-        qi, kj = q_pos[:, None], k_pos[None, :]
-        counts = torch.zeros(n_heads, len(q_pos), len(k_pos), dtype=torch.long, device=qi.device)
-        for w, r in zip(self.segment_lengths, self.dilation_rates, strict=True):
-            same = (qi // w == kj // w) & (kj <= qi)
-            pq, pk = (qi % w) % r, (kj % w) % r
-            for o, heads in head_offset_groups(n_heads, r, self.offsets):
-                counts[heads] += same & (pq == o) & (pk == o)
-        return counts
+        return sum(m.long() for m in self.branch_masks(q_pos, k_pos, n_heads))
+
+    def branch_masks(self, q_pos: Tensor, k_pos: Tensor, n_heads: int) -> list[Tensor]:
+        """Per branch, bool (..., H, n, m): which keys at positions ``k_pos`` (..., m)
+        the queries at ``q_pos`` (..., n) see through that branch, causality included
+        (leading axes broadcast: rows of a batch may sit at different positions). The
+        branches' attentions merged by lse are the layer's attention."""
+        qi = q_pos[..., None, :, None]  # (..., 1, n, 1)
+        kj = k_pos[..., None, None, :]  # (..., 1, 1, m)
+        offsets = torch.tensor(
+            [head_offsets(n_heads, r, self.offsets) for r in self.dilation_rates],
+            device=q_pos.device,
+        )  # (branches, H)
+        masks = []
+        for b, (w, r) in enumerate(zip(self.segment_lengths, self.dilation_rates, strict=True)):
+            o = offsets[b][:, None, None]  # (H, 1, 1)
+            masks.append(
+                (qi // w == kj // w) & (kj <= qi) & ((qi % w) % r == o) & ((kj % w) % r == o)
+            )
+        return masks
 
     def first_key(self, position: int) -> int:
         # the earliest segment start, over the branches, of a query at or after position
@@ -417,6 +431,18 @@ class Dilated(Pattern):
             parts.append((o, lse))
         return ops.merge(parts)[0]  # every head has the rate-1 branch
 
+    def decode_rows(
+        self, q: Tensor, pos: Tensor, state: RowDilatedKVCache, scale: float | None = None
+    ) -> Tensor:
+        """Output (B, H, 1, D) of one query per row at positions ``pos`` (B,) (rows at
+        different positions) over a :class:`~longctx.nn.state.RowDilatedKVCache` that
+        already holds the query's own key: each branch over the keys it keeps, merged."""
+        parts = []
+        for b in range(len(self.segment_lengths)):
+            k, v, seen = state.visible(b, pos)
+            parts.append(ops.masked_attention(q, k, v, seen, scale=scale, return_lse=True))
+        return ops.merge(parts)[0]
+
     def flops(self, n: int, n_heads: int, head_dim: int) -> float:
         ws, rs, offs = self.segment_lengths, self.dilation_rates, self.offsets
         return float(
@@ -457,7 +483,7 @@ class SlidingWindow(Pattern):
             raise ValueError(f"model.attention.window must be an integer >= 1, got {self.window!r}")
 
     def mask(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        gap = q_pos[:, None] - k_pos[None, :]
+        gap = q_pos[..., :, None] - k_pos[..., None, :]
         return (gap >= 0) & (gap < self.window)
 
     def first_key(self, position: int) -> int:

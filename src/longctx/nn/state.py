@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._util import atomic_path
-from ..ops.lowlevel import compute_dtype, head_offset_groups
+from ..ops.lowlevel import compute_dtype, head_offset_groups, head_offsets
 
 
 class LayerState:
@@ -170,6 +170,101 @@ class DilatedKVCache(LayerState):
         (views)."""
         c, h = self.count[b][offset], self.heads[b][offset]
         return self.k[b][:, h, :c], self.v[b][:, h, :c]
+
+
+class RowDilatedKVCache(LayerState):
+    """:class:`DilatedKVCache` for rows that sit at different positions (left-padded
+    batches in Hugging Face generation) and may hold padding tokens.
+
+    Per branch b and head h it keeps the keys of the row's current segment whose residue
+    is the head's offset (at most ceil(w_b / r_b) rows, whatever the context). Buffers
+    (B, H, cap_b + 1, D): the last slot absorbs the writes of rows and heads that store
+    nothing, so one scatter serves the whole batch. ``count[b]`` (B, H) rows held,
+    ``segment[b]`` (B,) the segment they belong to."""
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        offsets: str,
+        dtype,
+        device,
+    ):
+        self.segment_lengths = list(segment_lengths)
+        self.dilation_rates = list(dilation_rates)
+        self.caps = [math.ceil(w / r) for w, r in zip(self.segment_lengths, self.dilation_rates)]
+        self.offsets = [
+            torch.tensor(head_offsets(heads, r, offsets), device=device)
+            for r in self.dilation_rates
+        ]  # per branch: (H,) each head's offset
+        shape = (batch, heads)
+        self.k = [
+            torch.zeros(*shape, c + 1, head_dim, dtype=dtype, device=device) for c in self.caps
+        ]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.count = [torch.zeros(shape, dtype=torch.long, device=device) for _ in self.caps]
+        self.segment = [torch.full((batch,), -1, device=device) for _ in self.caps]
+        self.length = 0  # slots written (padding included)
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.k, *self.v, *self.count, *self.segment]
+
+    def branches(self):
+        """(w_b, r_b) of every branch."""
+        return zip(self.segment_lengths, self.dilation_rates)
+
+    def push(self, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor) -> None:
+        """Store one token per row: keys/values (B, H, D) at positions ``pos`` (B,);
+        rows where ``valid`` (B,) is false (padding) store nothing."""
+        B, H, D = k.shape
+        for b, (w, r) in enumerate(self.branches()):
+            seg = pos // w
+            fresh = valid & (seg != self.segment[b])  # a new segment closes the old rows
+            self.count[b][fresh] = 0
+            self.segment[b] = torch.where(valid, seg, self.segment[b])
+            write = valid[:, None] & (self.offsets[b][None, :] == ((pos % w) % r)[:, None])
+            slot = torch.where(write, self.count[b], self.caps[b])  # (B, H); cap: discarded
+            index = slot[:, :, None, None].expand(B, H, 1, D)
+            self.k[b].scatter_(2, index, k[:, :, None])
+            self.v[b].scatter_(2, index, v[:, :, None])
+            self.count[b] += write
+
+    def fill(self, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor) -> None:
+        """Store a whole prefix into an empty cache: keys/values (B, H, n, D) at positions
+        ``pos`` (B, n) in order, ``valid`` (B, n); only each row's last segment is kept."""
+        B, H, n, D = k.shape
+        last = torch.where(valid, pos, -1).amax(-1)  # (B,) the row's last position
+        for b, (w, r) in enumerate(self.branches()):
+            seg = torch.where(last >= 0, last // w, -1)
+            keep = valid & (pos // w == seg[:, None])  # (B, n) in the last segment
+            keep = keep[:, None, :] & (
+                ((pos % w) % r)[:, None, :] == self.offsets[b][None, :, None]
+            )  # (B, H, n) with the head's residue
+            rank = keep.cumsum(-1) - 1
+            slot = torch.where(keep, rank, self.caps[b])
+            index = slot[..., None].expand(B, H, n, D)
+            self.k[b].zero_().scatter_(2, index, k)
+            self.v[b].zero_().scatter_(2, index, v)
+            self.count[b] = keep.sum(-1)
+            self.segment[b] = seg
+
+    def visible(self, b: int, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Branch b's keys/values (B, H, cap_b + 1, D) and which of them a query at
+        positions ``pos`` (B,) sees: bool (B, H, 1, cap_b + 1) (only the heads whose offset
+        is the query's residue, only the rows held)."""
+        w, r = self.segment_lengths[b], self.dilation_rates[b]
+        active = self.offsets[b][None, :] == ((pos % w) % r)[:, None]  # (B, H)
+        slots = torch.arange(self.caps[b] + 1, device=pos.device)
+        seen = (slots < self.count[b][..., None]) & active[..., None]  # (B, H, cap + 1)
+        return self.k[b], self.v[b], seen[:, :, None, :]
+
+    def select(self, rows: Tensor) -> None:
+        """Keep (and reorder, repeat) the batch rows ``rows`` (beam search)."""
+        for name in ("k", "v", "count", "segment"):
+            setattr(self, name, [t.index_select(0, rows) for t in getattr(self, name)])
 
 
 class RoutedKVCache(LayerState):
@@ -524,6 +619,7 @@ __all__ = [
     "DilatedKVCache",
     "KVCache",
     "LayerState",
+    "RowDilatedKVCache",
     "MemoryState",
     "MemoryStore",
     "ModelState",
