@@ -92,6 +92,16 @@ def test_dense_backend_equals_sdpa_and_eager(family):
             torch.testing.assert_close(b[keep], a[keep], atol=1e-12, rtol=0)
 
 
+def test_dense_backend_equals_eager_with_padding_in_float32():
+    # (eager's float64 padding path gives NaN: its masking constant is float32's)
+    base = build("llama").float()
+    x, mask = tokens(), left_padding(2, 23, [5, 0])
+    with torch.no_grad():
+        a = clone(base, "eager")(x, attention_mask=mask).logits
+        b = clone(base, "longctx")(x, attention_mask=mask).logits
+    torch.testing.assert_close(b[mask.bool()], a[mask.bool()], atol=1e-5, rtol=0)
+
+
 def test_dense_backend_gradients_equal_sdpa():
     base = build("llama")
     x, mask = tokens(), left_padding(2, 23, [4, 0])
@@ -141,7 +151,7 @@ def test_backend_refuses_dropout_and_bad_settings():
     with pytest.raises(ValueError, match="dropout"):
         m(tokens())
     with pytest.raises(ValueError, match="no transformers backend"):
-        lh.configure(m, "memory")
+        lh.configure(m, "linear")
     with pytest.raises(ValueError, match="segment_lengths|dilation"):
         lh.configure(m, "dilated", segment_lengths=[4, 8], dilation_rates=[2, 4])
     with pytest.raises(ValueError, match="unknown key"):
@@ -323,6 +333,26 @@ def test_export_keeps_the_attention_pattern(tmp_path):
     assert from_hf(out).cfg.attention == cfg.attention
 
 
+def test_cli_import_then_export(tmp_path, capsys):
+    from longctx.cli import main
+
+    hf = build("llama", tie_word_embeddings=False).float()
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "run"), "--context", "64"]) == 0
+    assert main(["info", str(tmp_path / "run")]) == 0
+    assert "context 64" in capsys.readouterr().out
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = tokens(2, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, hf(x).logits, atol=1e-5, rtol=0)
+    # an existing output is not replaced without --force; an existing run is not touched
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "out"), "--force"]) == 0
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
 def test_conversion_errors(tmp_path):
     with pytest.raises(ConversionError, match="unsupported architecture.*qwen2"):
         from_hf(build("qwen2"))
@@ -356,3 +386,138 @@ def test_without_transformers_the_import_error_names_the_extra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "longctx[hf]" in out.stdout
+
+
+# ---------------------------------------------------------------- memory layers
+
+
+def memory_model(layers=(1,), n_layers=3, **keys):
+    m = build("llama", num_hidden_layers=n_layers)
+    settings = dict(window=8, retrieval="topk", topk=3, positions="zero") | keys
+    lh.add_memory(m, layers=list(layers), **settings)
+    return m
+
+
+def test_memory_dense_absolute_equals_full_attention():
+    base = build("llama", num_hidden_layers=3)
+    m = clone(base)
+    lh.add_memory(m, layers=[0, 1, 2], window=8, retrieval="dense", positions="absolute")
+    x = tokens(2, 45)  # 5.6 windows
+    with torch.no_grad():
+        ref = clone(base, "sdpa")(x).logits
+        torch.testing.assert_close(m(x).logits, ref, atol=1e-12, rtol=0)
+        # memory only in layer 1: the other layers attend within windows, so it differs
+        part = clone(base)
+        lh.add_memory(part, layers=[1], window=8, retrieval="dense", positions="absolute")
+        assert (part(x).logits - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("retrieval", ["dense", "topk", "faiss"])
+def test_memory_chunked_and_generated_equal_one_call(retrieval):
+    if retrieval == "faiss":
+        pytest.importorskip("faiss")
+    extra = {"faiss_index": "flat"} if retrieval == "faiss" else {}
+    m = memory_model(retrieval=retrieval, **extra)
+    x = tokens(2, 45)
+    with torch.no_grad():
+        whole = m(x).logits
+        cache = lh.MemoryCache(m)
+        parts = [m(x[:, a : a + 7], cache=cache, use_cache=True).logits for a in range(0, 45, 7)]
+    torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-12, rtol=0)
+    assert cache.get_seq_length() == 45 and cache.nbytes > 0
+    ones = torch.ones(2, 20, dtype=torch.long)
+    kw = dict(max_new_tokens=12, do_sample=False, attention_mask=ones)
+    ref = m.generate(x[:, :20], use_cache=False, **kw)  # every step a full forward
+    assert torch.equal(m.generate(x[:, :20], cache=lh.MemoryCache(m), **kw), ref)
+
+
+def test_memory_faiss_flat_equals_exact_topk():
+    pytest.importorskip("faiss")
+    x = tokens(2, 45)
+    with torch.no_grad():
+        a = memory_model(retrieval="topk")(x).logits
+        b = memory_model(retrieval="faiss", faiss_index="flat")(x).logits
+    torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_memory_is_per_row_and_causal():
+    m = memory_model()
+    x = tokens(2, 45)
+    y = x.clone()
+    y[1] = tokens(1, 45, seed=7)[0]  # another row 1
+    z = x.clone()
+    z[:, 30] = (z[:, 30] + 1) % V  # a later token
+    with torch.no_grad():
+        base = m(x).logits
+        torch.testing.assert_close(m(y).logits[0], base[0], atol=0, rtol=0)
+        torch.testing.assert_close(m(z).logits[:, :30], base[:, :30], atol=0, rtol=0)
+        cache = lh.MemoryCache(m)
+        m(x[:, :24], cache=cache, use_cache=True)
+        cache.clear_memory([0])  # row 0 forgets; row 1 keeps its memory
+        after = m(x[:, 24:32], cache=cache, use_cache=True).logits
+        assert (after[0] - base[0, 24:32]).abs().max() > 1e-6
+        torch.testing.assert_close(after[1], base[1, 24:32], atol=1e-12, rtol=0)
+
+
+def test_memory_crossbatch_training():
+    x = tokens(2, 32)
+    m = memory_model(retrieval="dense", crossbatch=0, capacity=8)
+    m.train()
+    a = m(x).logits
+    m.eval()  # crossbatch with no negatives = a memory of exactly the previous window
+    torch.testing.assert_close(a, m(x).logits, atol=1e-12, rtol=0)
+    m = memory_model(retrieval="dense", crossbatch=1)
+    m.train()
+    y = x.clone()
+    y[1, :8] = (y[1, :8] + 1) % V  # row 1's first window: row 0's negative
+    out_x, out_y = m(x).logits, m(y).logits
+    torch.testing.assert_close(out_y[0, :8], out_x[0, :8], atol=0, rtol=0)
+    assert (out_y[0, 8:16] - out_x[0, 8:16]).abs().max() > 1e-6
+    m(x, labels=x).loss.backward()  # an ordinary training step
+    assert m.model.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_memory_errors():
+    m = memory_model()
+    x = tokens(2, 20)
+    with pytest.raises(ValueError, match="unpadded"):
+        m(x, attention_mask=left_padding(2, 20, [3, 0]))
+    cache = DynamicCache(config=m.config)
+    m(x[:, :10], cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="MemoryCache"):
+        m(x[:, 10:11], cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="layers"):
+        lh.add_memory(build("llama"), layers=[5])
+    with pytest.raises(ValueError, match="add_memory"):
+        lh.configure(build("llama"), "memory")
+    with pytest.raises(ValueError, match="longctx_memory"):
+        lh.MemoryCache(build("llama"))
+    scaled = build("llama", rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                             "rope_theta": 10000.0})  # fmt: skip
+    with pytest.raises(ValueError, match="absolute"):
+        lh.add_memory(scaled, layers=[0], positions="zero")
+    lh.add_memory(scaled, layers=[0], positions="absolute")  # no rotation undone: fine
+
+
+def test_memory_trains_under_the_hf_trainer(tmp_path):
+    pytest.importorskip("accelerate")
+    from torch.utils.data import Dataset
+
+    class Rows(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = tokens(1, 32, seed=i)[0]
+            return {"input_ids": ids, "labels": ids}
+
+    m = memory_model(retrieval="dense", crossbatch=1).float()
+    before = m.model.layers[1].self_attn.q_proj.weight.detach().clone()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+        learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
+        disable_tqdm=True, logging_strategy="no",
+    )  # fmt: skip
+    result = transformers.Trainer(model=m, args=args, train_dataset=Rows()).train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(m.model.layers[1].self_attn.q_proj.weight, before)

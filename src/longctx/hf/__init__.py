@@ -16,7 +16,9 @@ Importing this module registers three attention backends, each with its mask fun
   :class:`DilatedCache` decodes with a cache whose size does not grow with the context;
 - ``longctx_sliding``: causal sliding-window attention.
 
-:func:`add_memory` turns layers of such a model into Focused-Transformer memory layers.
+:func:`add_memory` turns layers of such a model into Focused-Transformer memory layers
+(backend ``longctx_memory``; :class:`MemoryCache` carries windows and memory across
+calls and through ``generate``).
 Checkpoints both ways: :func:`longctx.model.from_hf` and ``longctx export-hf``.
 """
 
@@ -30,8 +32,9 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from .attention import BACKENDS, configure, register
-from .cache import DilatedCache
+from .cache import DilatedCache, MemoryCache
+from .memory import add_memory
 
 register()
 
-__all__ = ["BACKENDS", "DilatedCache", "configure", "register"]
+__all__ = ["BACKENDS", "DilatedCache", "MemoryCache", "add_memory", "configure", "register"]

@@ -27,10 +27,15 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .. import ops
 from ..nn.patterns import Pattern, make_pattern
 from ..nn.state import RowDilatedKVCache
-from .cache import TAG
+from .cache import TAG, DilatedLayer
 
 # backend name -> the longctx attention pattern it computes
-BACKENDS = {"longctx": "dense", "longctx_dilated": "dilated", "longctx_sliding": "sliding_window"}
+BACKENDS = {
+    "longctx": "dense",
+    "longctx_dilated": "dilated",
+    "longctx_sliding": "sliding_window",
+    "longctx_memory": "memory",  # set by longctx.hf.add_memory
+}
 CONFIG_KEY = "longctx_attention"  # the pattern's keys, on the model config
 
 
@@ -53,7 +58,9 @@ def configure(model, kind: str = "dilated", **options) -> Pattern:
     selected with ``model.set_attn_implementation``, which changes the config object in
     place (models built from one config object change together). Returns the pattern."""
     pattern = make_pattern({"kind": kind, **options}, "longctx.hf.configure")
-    names = {k: name for name, k in BACKENDS.items()}
+    names = {k: name for name, k in BACKENDS.items() if k != "memory"}
+    if pattern.kind == "memory":
+        raise ValueError("memory layers are added with longctx.hf.add_memory(model, layers=...)")
     if pattern.kind not in names:
         raise ValueError(
             f"no transformers backend for {pattern.kind!r} attention; choose from "
@@ -153,16 +160,24 @@ def _backend(kind: str):
         mask = _bool_mask(attention_mask)
         layer = getattr(key, TAG, None)
         key, value = _repeat_kv(module, key, value)
-        if layer is not None:
-            if kind != "dilated":
+        position_ids = kw.get("position_ids")
+        if kind == "memory":
+            from .memory import memory_attention
+
+            out = memory_attention(
+                pattern, module, query, key, value, mask, scaling, layer, position_ids
+            )
+        elif layer is not None:
+            if not (kind == "dilated" and isinstance(layer, DilatedLayer)):
                 raise ValueError(
-                    f"a DilatedCache is for the 'longctx_dilated' backend; this layer is {kind!r}"
+                    f"a {type(layer).__name__} is for the {layer.backend!r} backend; this "
+                    f"layer computes {kind!r} attention"
                 )
-            out = _bounded_dilated(pattern, layer, query, key, value, mask, scaling, kw)
+            out = _bounded_dilated(pattern, layer, query, key, value, mask, scaling, position_ids)
         elif kind == "dense":
             out = _dense(query, key, value, mask, scaling, getattr(module, "is_causal", True))
         else:
-            out = _positioned(pattern, query, key, value, mask, scaling, kw.get("position_ids"))
+            out = _positioned(pattern, query, key, value, mask, scaling, position_ids)
         return out.transpose(1, 2).contiguous(), None  # (B, N, H, D)
 
     attention.__name__ = f"longctx_{kind}_attention"
@@ -209,7 +224,7 @@ def _positioned(pattern: Pattern, q, k, v, mask, scale, position_ids) -> Tensor:
     return ops.merge(parts)[0]
 
 
-def _bounded_dilated(pattern: Pattern, layer, q, k, v, mask, scale, kw) -> Tensor:
+def _bounded_dilated(pattern: Pattern, layer, q, k, v, mask, scale, position_ids) -> Tensor:
     """Dilated attention through a :class:`~longctx.hf.cache.DilatedLayer`: ``k``/``v``
     are the new tokens only; ``mask`` (if any) covers them only."""
     layer.pending = False
@@ -220,7 +235,6 @@ def _bounded_dilated(pattern: Pattern, layer, q, k, v, mask, scale, kw) -> Tenso
         if mask is None
         else mask[:, 0].expand(B, N, N).diagonal(dim1=-2, dim2=-1)  # a token sees itself
     )
-    position_ids = kw.get("position_ids")
     if position_ids is None:
         pos = torch.arange(past, past + N, device=q.device).expand(B, N)
     else:

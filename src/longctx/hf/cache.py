@@ -1,5 +1,6 @@
-"""A transformers ``Cache`` for the ``longctx_dilated`` backend whose size does not grow
-with the context (LongNet's bounded exact decode cache, per batch row)."""
+"""transformers ``Cache`` classes whose layers hold longctx states: the bounded exact
+dilated decode cache (:class:`DilatedCache`, per batch row) and a memory model's windows
+and memory stores (:class:`MemoryCache`)."""
 
 from __future__ import annotations
 
@@ -9,23 +10,24 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..nn.state import RowDilatedKVCache
 
-TAG = "_longctx_dilated_layer"  # set on the key tensor handed to the attention backend
+TAG = "_longctx_cache_layer"  # set on the key tensor handed to the attention backend
 
 
-class DilatedLayer(CacheLayerMixin):
-    """One layer of a :class:`DilatedCache`. ``update`` only counts the slots and hands
-    itself to the ``longctx_dilated`` backend (through the key tensor): the backend,
-    which has the padding mask and the positions, stores the tokens and attends over the
-    :class:`~longctx.nn.state.RowDilatedKVCache` it keeps in ``state``."""
+class StateLayer(CacheLayerMixin):
+    """One layer of a longctx cache. ``update`` only counts the slots and hands itself to
+    the backend (through the key tensor): the backend, which has the padding mask and the
+    positions, stores the tokens in ``state`` (a longctx layer state it makes) and attends
+    over it. ``backend``: the attention backend that reads this kind of layer."""
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
+    backend = ""
 
     def __init__(self, **kwargs):
         super().__init__()
         self.length = 0
-        self.state: RowDilatedKVCache | None = None
+        self.state = None
         self.pending = False  # an update the backend has not consumed yet
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -37,9 +39,8 @@ class DilatedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.pending:
             raise RuntimeError(
-                "a DilatedCache is read only by the 'longctx_dilated' attention backend; "
-                "this model computes its attention otherwise (longctx.hf.configure(model, "
-                "'dilated', ...) selects the backend)"
+                f"a {type(self).__name__} is read only by the {self.backend!r} attention "
+                "backend; this model computes its attention otherwise"
             )
         self.pending = True
         self.length += key_states.shape[-2]
@@ -59,6 +60,18 @@ class DilatedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length, self.state, self.pending = 0, None, False
 
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.state is None else self.state.nbytes
+
+
+class DilatedLayer(StateLayer):
+    """A layer of a :class:`DilatedCache`: ``state`` is a
+    :class:`~longctx.nn.state.RowDilatedKVCache`."""
+
+    backend = "longctx_dilated"
+    state: RowDilatedKVCache | None
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.state is not None:
             self.state.select(beam_idx.to(self.device))
@@ -72,9 +85,23 @@ class DilatedLayer(CacheLayerMixin):
         if self.state is not None:
             self.state.select(torch.as_tensor(indices, device=self.device))
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.state is None else self.state.nbytes
+
+class MemoryLayer(StateLayer):
+    """A layer of a :class:`MemoryCache`: ``state`` is a memory layer's
+    :class:`~longctx.nn.state.MemoryState` (store and current window) or, for the other
+    layers, the :class:`~longctx.nn.state.KVCache` of the current window."""
+
+    backend = "longctx_memory"
+
+
+def _check_backend(model, backend: str, cls: str, how: str) -> None:
+    if model is None:
+        return
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != backend:
+        raise ValueError(
+            f"{cls} needs the {backend!r} attention backend; the model uses {impl!r} ({how})"
+        )
 
 
 class DilatedCache(Cache):
@@ -86,16 +113,36 @@ class DilatedCache(Cache):
     is checked to use the ``longctx_dilated`` backend."""
 
     def __init__(self, model=None):
-        if model is not None:
-            impl = getattr(model.config, "_attn_implementation", None)
-            if impl != "longctx_dilated":
-                raise ValueError(
-                    f"DilatedCache needs the 'longctx_dilated' attention backend; the model "
-                    f"uses {impl!r} (longctx.hf.configure(model, 'dilated', ...) selects it)"
-                )
+        how = "longctx.hf.configure(model, 'dilated', ...) selects it"
+        _check_backend(model, "longctx_dilated", "DilatedCache", how)
         super().__init__(layer_class_to_replicate=DilatedLayer)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the tensors held, all layers together."""
         return sum(layer.nbytes for layer in self.layers)
+
+
+class MemoryCache(Cache):
+    """The state of a model made a memory model by :func:`longctx.hf.add_memory`: per
+    layer the current window's keys and values, and per memory layer its memory of
+    earlier windows (one store per batch row). Pass it as ``cache=`` to process a long
+    input chunk by chunk (any chunk size) or to ``generate``; each call continues where
+    the last stopped. ``model`` (optional) is checked to be a memory model."""
+
+    def __init__(self, model=None):
+        _check_backend(model, "longctx_memory", "MemoryCache", "longctx.hf.add_memory sets it")
+        super().__init__(layer_class_to_replicate=MemoryLayer)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors held (windows and stores), all layers together."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def clear_memory(self, rows: list[int] | None = None) -> None:
+        """Forget what the memory layers hold for ``rows`` (default all), e.g. at a
+        document boundary; the current windows are kept."""
+        for layer in self.layers:
+            store = getattr(layer.state, "store", None)
+            if store is not None:
+                store.clear(rows)

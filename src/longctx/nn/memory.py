@@ -156,6 +156,7 @@ class MemoryAttention(nn.Module):
         window: int = 256,
         capacity: int = 65536,
         separator: int = -1,
+        projections: bool = True,
     ):
         super().__init__()
         if dim % n_heads:
@@ -181,8 +182,20 @@ class MemoryAttention(nn.Module):
             recall_every=0,
             exact_below=EXACT_BELOW,
         )
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        if projections:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.proj = nn.Linear(dim, dim, bias=False)
+        else:  # a reader for another model's projections (longctx.hf): attend_* only
+            self.qkv = self.proj = None
+
+    def _like(self, dtype, device):
+        """dtype and device of new states: given, or the projections'."""
+        if self.qkv is None:
+            if dtype is None or device is None:
+                raise ValueError("a memory layer without projections needs dtype and device")
+            return dtype, device
+        w = self.qkv.weight
+        return dtype or w.dtype, device or w.device
 
     def configure(
         self,
@@ -229,14 +242,9 @@ class MemoryAttention(nn.Module):
     def new_memory(self, batch: int, capacity: int | None = None, dtype=None, device=None):
         """An empty :class:`MemoryStore` for this layer (default: its capacity), with
         the search index its retrieval keeps."""
-        w = self.qkv.weight
+        dtype, device = self._like(dtype, device)
         store = MemoryStore(
-            batch,
-            self.n_heads,
-            self.head_dim,
-            capacity or self.capacity,
-            dtype or w.dtype,
-            device or w.device,
+            batch, self.n_heads, self.head_dim, capacity or self.capacity, dtype, device
         )
         self._index(store)
         return store
@@ -276,8 +284,7 @@ class MemoryAttention(nn.Module):
         ``policy="crossbatch"`` a :class:`CrossbatchState` with ``negatives``."""
         if policy == "crossbatch":
             return CrossbatchState(options.get("negatives", 0))
-        w = self.qkv.weight
-        dtype, device = dtype or w.dtype, device or w.device
+        dtype, device = self._like(dtype, device)
         store = self.new_memory(batch, None, dtype, device)
         return MemoryState(store, self.window, self.separator, dtype, device)
 
@@ -372,11 +379,27 @@ class MemoryAttention(nn.Module):
         return self._out(y)
 
     def _windows(self, x: Tensor, positions: Tensor, st: MemoryState) -> Tensor:
-        """Input that continues the state: per window piece, attend locally (the window so
-        far) and read the store; a completed window is written to the store."""
-        start, n, W = st.length, x.shape[1], st.window
-        tokens = self._tokens(st, start, n, x)
+        """Input that continues the state (see :meth:`attend_windows`)."""
+        tokens = self._tokens(st, st.length, x.shape[1], x)
         q, q_rot, k_rot, k_mem, v = self._project(x, positions)
+        return self._out(self.attend_windows(q, q_rot, k_rot, k_mem, v, positions, tokens, st))
+
+    def attend_windows(
+        self,
+        q: Tensor,
+        q_rot: Tensor,
+        k_rot: Tensor,
+        k_mem: Tensor,
+        v: Tensor,
+        positions: Tensor,
+        tokens: Tensor,
+        st: MemoryState,
+    ) -> Tensor:
+        """Attention output (B, H, n, D) of projected input that continues the state
+        (queries unrotated and rotated, keys rotated and as memory stores them, values;
+        token ids (B, n) for the document rules): per window piece, attend locally (the
+        window so far) and read the store; a completed window is written to the store."""
+        start, n, W = st.length, q.shape[2], st.window
         outs = []
         for a, b in window_pieces(st.held, n, W):
             off = st.held  # where the piece starts within its window
@@ -397,11 +420,11 @@ class MemoryAttention(nn.Module):
                 _, keep, clear = document_rules(window_tokens, st.separator)
                 if clear:
                     st.store.clear(clear)
-                window_pos = torch.arange(w0, w0 + W, device=x.device)
+                window_pos = torch.arange(w0, w0 + W, device=q.device)
                 st.store.add(mem_k, mem_v, window_pos, keep)
                 st.held = 0
         st.length = start + n
-        return self._out(torch.cat(outs, dim=2))
+        return torch.cat(outs, dim=2)
 
     def _tokens(self, st: MemoryState, start: int, n: int, x: Tensor) -> Tensor:
         """The input's token ids (B, n), as the model showed them to the state."""
@@ -415,17 +438,31 @@ class MemoryAttention(nn.Module):
         )
 
     def _crossbatch(self, x: Tensor, positions: Tensor, st: CrossbatchState) -> Tensor:
-        """Crossbatch training (module docstring): windows from a window boundary."""
-        B, n, _ = x.shape
+        """Crossbatch training (see :meth:`attend_crossbatch`)."""
+        q, q_rot, k_rot, k_mem, v = self._project(x, positions)
+        return self._out(self.attend_crossbatch(q, q_rot, k_rot, k_mem, v, positions, st))
+
+    def attend_crossbatch(
+        self,
+        q: Tensor,
+        q_rot: Tensor,
+        k_rot: Tensor,
+        k_mem: Tensor,
+        v: Tensor,
+        positions: Tensor,
+        st: CrossbatchState,
+    ) -> Tensor:
+        """Crossbatch training (module docstring) on projected input (as
+        :meth:`attend_windows`) that starts at a window boundary: output (B, H, n, D)."""
+        B, n = q.shape[0], q.shape[2]
         d = st.negatives
         if not 0 <= d < B:
             raise ValueError(f"crossbatch negatives must be in [0, batch - 1 = {B - 1}], got {d}")
         start, W = st.length, self.window
         if start % W:
             raise ValueError(f"crossbatch input must start at a window boundary, got {start}")
-        q, q_rot, k_rot, k_mem, v = self._project(x, positions)
         rows = (
-            torch.arange(B, device=x.device).unsqueeze(-1) + torch.arange(d + 1, device=x.device)
+            torch.arange(B, device=q.device).unsqueeze(-1) + torch.arange(d + 1, device=q.device)
         ) % B
         outs = []
         for a, b in window_pieces(0, n, W):
@@ -443,7 +480,7 @@ class MemoryAttention(nn.Module):
                 outs.append(ops.merge([local, read])[0])
             st.previous = (k_mem[:, :, a:b], v[:, :, a:b])
         st.length = start + n
-        return self._out(torch.cat(outs, dim=2))
+        return torch.cat(outs, dim=2)
 
     # ------------------------------------------------------------------ model protocol
 
