@@ -78,9 +78,10 @@ def test_dilated_cache_bytes_constant_in_context_length():
     full_short = generate(model, list(range(20)), 3, cache="full", temperature=0)
     full_long = generate(model, list(range(200)) * 3, 3, cache="full", temperature=0)
     assert full_long.cache_bytes[0] > full_short.cache_bytes[0]
-    # per branch and head ceil(w / r) rows: 4 + 4 + 4 rows x 4 heads x 8 dims, k and v, fp32
+    # per branch and head ceil(w / r) rows (+ one discard row): (4 + 4 + 4 + 3) rows x 4
+    # heads x 8 dims, k and v, fp32; and per branch the int64 counts (1 x 4) and segment (1)
     cache = DilatedKVCache(1, 4, 8, [4, 8, 16], [1, 2, 4], "paper", torch.float32, "cpu")
-    assert cache.nbytes == 2 * 4 * (4 + 4 + 4) * 8 * 4
+    assert cache.nbytes == 2 * 4 * (4 + 4 + 4 + 3) * 8 * 4 + 3 * (4 + 1) * 8
     assert long.cache_bytes[0] == 2 * cache.nbytes  # two layers
     assert generate(model, [1], 2, cache="none", temperature=0).cache_bytes == [0, 0]
 

@@ -220,6 +220,14 @@ def test_dilated_generate_equals_uncached(cache):
     assert torch.equal(out, ref)
 
 
+def test_dilated_cache_follows_beam_search():
+    m = dilated(build("llama"))
+    x, mask = tokens(2, 19), left_padding(2, 19, [5, 0])
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, num_beams=3)
+    ref = m.generate(x, use_cache=False, **kw)
+    assert torch.equal(m.generate(x, cache=lh.DilatedCache(m), **kw), ref)
+
+
 def test_dilated_cache_size_does_not_grow():
     m = dilated(build("llama"), segment_lengths=[8, 16], dilation_rates=[1, 4])
     x = tokens(1, 200)

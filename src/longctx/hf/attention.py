@@ -26,7 +26,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import ops
 from ..nn.patterns import Pattern, make_pattern
-from ..nn.state import RowDilatedKVCache
+from ..nn.state import DilatedKVCache
 from .cache import TAG, DilatedLayer
 
 # backend name -> the longctx attention pattern it computes
@@ -241,7 +241,7 @@ def _bounded_dilated(pattern: Pattern, layer, q, k, v, mask, scale, position_ids
         pos = position_ids.to(q.device).expand(B, N)
     if layer.state is None:
         ws, rs = pattern.segment_lengths, pattern.dilation_rates
-        layer.state = RowDilatedKVCache(B, H, D, ws, rs, pattern.offsets, k.dtype, k.device)
+        layer.state = DilatedKVCache(B, H, D, ws, rs, pattern.offsets, k.dtype, k.device)
     state = layer.state
     if past == 0 and N > 1:  # a prompt: attend within it, keep its last segments
         out = _positioned(pattern, q, k, v, mask, scale, pos)

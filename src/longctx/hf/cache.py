@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..nn.state import RowDilatedKVCache
+from ..nn.state import DilatedKVCache
 
 TAG = "_longctx_cache_layer"  # set on the key tensor handed to the attention backend
 
@@ -67,10 +67,10 @@ class StateLayer(CacheLayerMixin):
 
 class DilatedLayer(StateLayer):
     """A layer of a :class:`DilatedCache`: ``state`` is a
-    :class:`~longctx.nn.state.RowDilatedKVCache`."""
+    :class:`~longctx.nn.state.DilatedKVCache`."""
 
     backend = "longctx_dilated"
-    state: RowDilatedKVCache | None
+    state: DilatedKVCache | None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.state is not None:

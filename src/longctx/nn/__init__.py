@@ -53,7 +53,6 @@ from .state import (
     ModelState,
     RecurrentState,
     RoutedKVCache,
-    RowDilatedKVCache,
 )
 
 __all__ = [
@@ -68,7 +67,6 @@ __all__ = [
     "Dense",
     "Dilated",
     "DilatedKVCache",
-    "RowDilatedKVCache",
     "FeedForwardKind",
     "KVCache",
     "LayerState",

@@ -48,7 +48,7 @@ from ..ops.lowlevel import (
     sliding_window_attention_at,
     tiled_masked_attention,
 )
-from .state import DilatedKVCache, KVCache, LayerState, RowDilatedKVCache
+from .state import DilatedKVCache, KVCache, LayerState
 
 Kernel = Callable[[Tensor, Tensor, Tensor], Tensor]
 CACHE_POLICIES = ("full", "dilated")  # decode states; generation adds "none" (no state)
@@ -419,7 +419,7 @@ class Dilated(Pattern):
             if heads is None:
                 continue
             if isinstance(state, DilatedKVCache):
-                kb, vb = state.keys(b, residue)  # (B, Hg, L, D)
+                kb, vb = state.keys(b, residue, t)  # (B, Hg, L, D)
             else:  # the full cache: the segment's positions of this residue
                 rows = slice((t // w) * w + residue, t + 1, r)
                 kb, vb = state.k[:, heads, rows], state.v[:, heads, rows]  # (B, Hg, L, D)
@@ -432,11 +432,12 @@ class Dilated(Pattern):
         return ops.merge(parts)[0]  # every head has the rate-1 branch
 
     def decode_rows(
-        self, q: Tensor, pos: Tensor, state: RowDilatedKVCache, scale: float | None = None
+        self, q: Tensor, pos: Tensor, state: DilatedKVCache, scale: float | None = None
     ) -> Tensor:
-        """Output (B, H, 1, D) of one query per row at positions ``pos`` (B,) (rows at
-        different positions) over a :class:`~longctx.nn.state.RowDilatedKVCache` that
-        already holds the query's own key: each branch over the keys it keeps, merged."""
+        """Output (B, H, 1, D) of one query per row at positions ``pos`` (B,) (rows may
+        sit at different positions) over a :class:`~longctx.nn.state.DilatedKVCache` that
+        already holds the query's own key: each branch over the keys it keeps, merged
+        (:meth:`_decode` is the faster form for rows at one position)."""
         parts = []
         for b in range(len(self.segment_lengths)):
             k, v, seen = state.visible(b, pos)

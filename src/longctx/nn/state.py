@@ -95,89 +95,12 @@ class DilatedKVCache(LayerState):
     """Bounded exact cache of a dilated-attention layer (LongNet).
 
     A future query of branch b sees only keys of its own segment with its own residue, so
-    per branch and head offset only the current segment's keys of that residue are kept:
-    at most ceil(w_b / r_b) rows, whatever the context length. Buffers (B, H, cap_b, D)
-    per branch; heads with the same offset hold the same rows."""
+    per branch and head only the current segment's keys whose residue is the head's
+    offset are kept: at most ceil(w_b / r_b) rows, whatever the context length.
 
-    def __init__(
-        self,
-        batch: int,
-        heads: int,
-        head_dim: int,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        offsets: str,
-        dtype,
-        device,
-    ):
-        self.segment_lengths = list(segment_lengths)
-        self.dilation_rates = list(dilation_rates)
-        # per branch: {offset: the heads with that offset (a slice)}
-        self.heads = [dict(head_offset_groups(heads, r, offsets)) for r in self.dilation_rates]
-        caps = [math.ceil(w / r) for w, r in zip(self.segment_lengths, self.dilation_rates)]
-        self.k = [torch.zeros(batch, heads, c, head_dim, dtype=dtype, device=device) for c in caps]
-        self.v = [torch.zeros_like(t) for t in self.k]
-        self.count = [dict.fromkeys(h, 0) for h in self.heads]  # rows held per offset
-        self.segment = [-1] * len(caps)  # the segment each branch's rows belong to
-        self.length = 0
-
-    def tensors(self) -> list[Tensor]:
-        return [*self.k, *self.v]
-
-    def branches(self):
-        """(w_b, r_b) of every branch."""
-        return zip(self.segment_lengths, self.dilation_rates)
-
-    def update(self, k: Tensor, v: Tensor, start: int) -> None:
-        """Store the keys/values (B, H, n, D) of positions start..start+n-1: one position
-        (decoding), or a chunk that starts a segment of every branch (prefill); keep what
-        later queries can see."""
-        self.check_start(start)
-        n = k.shape[2]
-        if n == 1:
-            self._push(k[:, :, 0], v[:, :, 0], start)
-        else:
-            self._fill(k, v, start, start + n)
-        self.length = start + n
-
-    def _push(self, k: Tensor, v: Tensor, t: int) -> None:
-        for b, (w, r) in enumerate(self.branches()):
-            seg = t // w
-            if seg != self.segment[b]:  # a new segment: earlier rows are closed for good
-                self.segment[b] = seg
-                self.count[b] = dict.fromkeys(self.count[b], 0)
-            o = (t - seg * w) % r
-            if o in self.heads[b]:
-                h, c = self.heads[b][o], self.count[b][o]
-                self.k[b][:, h, c] = k[:, h]
-                self.v[b][:, h, c] = v[:, h]
-                self.count[b][o] = c + 1
-
-    def _fill(self, k: Tensor, v: Tensor, start: int, end: int) -> None:
-        for b, (w, r) in enumerate(self.branches()):
-            seg0 = (end // w) * w  # >= start: the chunk starts on every segment boundary
-            self.segment[b] = end // w
-            for o, h in self.heads[b].items():
-                rows = range(seg0 + o - start, end - start, r)  # chunk-relative rows
-                self.count[b][o] = len(rows)
-                if len(rows):
-                    sel = slice(rows.start, rows.stop, r)
-                    self.k[b][:, h, : len(rows)] = k[:, h, sel]
-                    self.v[b][:, h, : len(rows)] = v[:, h, sel]
-
-    def keys(self, b: int, offset: int) -> tuple[Tensor, Tensor]:
-        """Keys/values (B, Hg, c, D) that branch b holds for the heads with ``offset``
-        (views)."""
-        c, h = self.count[b][offset], self.heads[b][offset]
-        return self.k[b][:, h, :c], self.v[b][:, h, :c]
-
-
-class RowDilatedKVCache(LayerState):
-    """:class:`DilatedKVCache` for rows that sit at different positions (left-padded
-    batches in Hugging Face generation) and may hold padding tokens.
-
-    Per branch b and head h it keeps the keys of the row's current segment whose residue
-    is the head's offset (at most ceil(w_b / r_b) rows, whatever the context). Buffers
+    Rows may sit at different positions and hold padding (Hugging Face generation of a
+    left-padded batch): :meth:`push` and :meth:`fill` take per-row positions and
+    validity; :meth:`update` is the uniform case (every row at start..start+n-1). Buffers
     (B, H, cap_b + 1, D): the last slot absorbs the writes of rows and heads that store
     nothing, so one scatter serves the whole batch. ``count[b]`` (B, H) rows held,
     ``segment[b]`` (B,) the segment they belong to."""
@@ -200,6 +123,8 @@ class RowDilatedKVCache(LayerState):
             torch.tensor(head_offsets(heads, r, offsets), device=device)
             for r in self.dilation_rates
         ]  # per branch: (H,) each head's offset
+        # per branch: {offset: the heads with that offset (a slice)}
+        self.heads = [dict(head_offset_groups(heads, r, offsets)) for r in self.dilation_rates]
         shape = (batch, heads)
         self.k = [
             torch.zeros(*shape, c + 1, head_dim, dtype=dtype, device=device) for c in self.caps
@@ -207,7 +132,7 @@ class RowDilatedKVCache(LayerState):
         self.v = [torch.zeros_like(t) for t in self.k]
         self.count = [torch.zeros(shape, dtype=torch.long, device=device) for _ in self.caps]
         self.segment = [torch.full((batch,), -1, device=device) for _ in self.caps]
-        self.length = 0  # slots written (padding included)
+        self.length = 0  # positions (slots, padding included) stored so far
 
     def tensors(self) -> list[Tensor]:
         return [*self.k, *self.v, *self.count, *self.segment]
@@ -215,6 +140,42 @@ class RowDilatedKVCache(LayerState):
     def branches(self):
         """(w_b, r_b) of every branch."""
         return zip(self.segment_lengths, self.dilation_rates)
+
+    def update(self, k: Tensor, v: Tensor, start: int) -> None:
+        """Store the keys/values (B, H, n, D) of positions start..start+n-1 in every row:
+        one position (decoding), or a chunk that starts a segment of every branch
+        (prefill); keep what later queries can see."""
+        self.check_start(start)
+        B, _, n, _ = k.shape
+        every = torch.ones(B, n, dtype=torch.bool, device=k.device)
+        if n == 1:
+            self._push_at(k[:, :, 0], v[:, :, 0], start)
+        else:
+            bad = [w for w in self.segment_lengths if start % w]
+            if bad:
+                raise ValueError(
+                    "a chunk of several positions must start a segment of every branch; "
+                    f"{start} is not a multiple of {bad[0]}"
+                )
+            self.fill(k, v, torch.arange(start, start + n, device=k.device).expand(B, n), every)
+        self.length = start + n
+
+    def _push_at(self, k: Tensor, v: Tensor, t: int) -> None:
+        """:meth:`push` for every row at position t, right after t - 1 (per branch only
+        the heads with t's residue write; no host synchronisation)."""
+        B, _, D = k.shape
+        for b, (w, r) in enumerate(self.branches()):
+            if t % w == 0:  # a new segment: earlier rows are closed
+                self.count[b].zero_()
+                self.segment[b].fill_(t // w)
+            h = self.heads[b].get((t % w) % r)
+            if h is None:
+                continue
+            count = self.count[b][:, h]  # (B, Hg), a view
+            index = count[:, :, None, None].expand(*count.shape, 1, D)
+            self.k[b][:, h].scatter_(2, index, k[:, h, None])
+            self.v[b][:, h].scatter_(2, index, v[:, h, None])
+            count += 1
 
     def push(self, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor) -> None:
         """Store one token per row: keys/values (B, H, D) at positions ``pos`` (B,);
@@ -233,8 +194,10 @@ class RowDilatedKVCache(LayerState):
             self.count[b] += write
 
     def fill(self, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor) -> None:
-        """Store a whole prefix into an empty cache: keys/values (B, H, n, D) at positions
-        ``pos`` (B, n) in order, ``valid`` (B, n); only each row's last segment is kept."""
+        """Store keys/values (B, H, n, D) at positions ``pos`` (B, n) in order, ``valid``
+        (B, n), that hold every position of each row's last segments (a prompt into an
+        empty cache, or a chunk that starts a segment of every branch): only each row's
+        last segment is kept."""
         B, H, n, D = k.shape
         last = torch.where(valid, pos, -1).amax(-1)  # (B,) the row's last position
         for b, (w, r) in enumerate(self.branches()):
@@ -250,6 +213,15 @@ class RowDilatedKVCache(LayerState):
             self.v[b].zero_().scatter_(2, index, v)
             self.count[b] = keep.sum(-1)
             self.segment[b] = seg
+
+    def keys(self, b: int, offset: int, t: int) -> tuple[Tensor, Tensor]:
+        """Keys/values (B, Hg, c, D) that branch b holds for the heads with ``offset``
+        after position t, for rows filled through :meth:`update` (all at one position:
+        the count is the segment's positions of that residue up to t; views)."""
+        w, r = self.segment_lengths[b], self.dilation_rates[b]
+        c = len(range(t // w * w + offset, t + 1, r))
+        h = self.heads[b][offset]
+        return self.k[b][:, h, :c], self.v[b][:, h, :c]
 
     def visible(self, b: int, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Branch b's keys/values (B, H, cap_b + 1, D) and which of them a query at
@@ -619,7 +591,6 @@ __all__ = [
     "DilatedKVCache",
     "KVCache",
     "LayerState",
-    "RowDilatedKVCache",
     "MemoryState",
     "MemoryStore",
     "ModelState",
