@@ -332,6 +332,129 @@ def _hf_parsers(sub) -> None:
     p.set_defaults(func=_import_hf)
 
 
+def _retro_build(args) -> int:
+    from .retro import RetroDB
+
+    try:
+        db = RetroDB.build(
+            args.source,
+            args.out,
+            chunk=args.chunk,
+            embedder=args.embedder,
+            checkpoint=args.embedder_checkpoint,
+            val_percent=args.val_percent,
+            max_bytes=args.max_bytes,
+            overwrite=args.force,
+        )
+    except FileExistsError as exc:
+        raise FileExistsError(f"{exc} (--force replaces it)") from None
+    m = db.manifest
+    print(
+        f"wrote {db.path}: {len(db):,} chunks of {db.chunk} tokens from {m['documents']:,} "
+        f"documents ({m['source']['description']}, training split), keys "
+        f"{m['embedder']['kind']} {m['key_dim']}-d, in {m['build_seconds']:.1f} s"
+    )
+    return 0
+
+
+def _retro_info(args) -> int:
+    import json
+
+    from .retro import RetroDB
+
+    print(json.dumps(RetroDB.open(args.db).info(), indent=2))
+    return 0
+
+
+def _retro_search(args) -> int:
+    import numpy as np
+    import torch
+
+    from .data.tokenizer import PAD, decode, encode
+    from .retro import RetroDB
+
+    db = RetroDB.open(args.db)
+    ids = encode(args.text)[: db.chunk].astype(np.int64)
+    if len(ids) == 0:
+        raise ValueError("--text is empty")
+    query = np.full((1, db.chunk), PAD, dtype=np.int64)
+    query[0, : len(ids)] = ids
+    scores, found = db.search(db.embed(torch.from_numpy(query)), args.k, index=args.index)
+    for score, i in zip(scores[0].tolist(), found[0].tolist(), strict=True):
+        if i < 0:
+            break
+        text = decode(db.tokens[i])
+        print(f"{score:.3f}  chunk {i:,} (document {int(db.docs[i]):,}): {text!r}")
+    return 0
+
+
+def _retro_recall(args) -> int:
+    import time
+
+    import numpy as np
+    import torch
+
+    from .retro import RetroDB
+
+    db = RetroDB.open(args.db)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, len(db), (args.queries,), generator=g).numpy()
+    queries = db.embed(torch.from_numpy(db.tokens[ids].astype(np.int64)))
+    t = time.perf_counter()
+    db.faiss_index(args.index)
+    built = time.perf_counter() - t
+    times = {}
+    for kind in ("exact", args.index):
+        t = time.perf_counter()
+        db.search(queries, args.k, index=kind)
+        times[kind] = 1000 * (time.perf_counter() - t) / len(queries)
+    recall = db.recall(args.index, queries, args.k)
+    print(
+        f"{args.index}: recall@{args.k} {recall:.3f} against exact over {args.queries} "
+        f"database chunks; {times[args.index]:.3f} ms per query (exact "
+        f"{times['exact']:.3f}); index built in {built:.1f} s"
+    )
+    return 0
+
+
+def _retro_parsers(sub) -> None:
+    from .retro.db import INDEXES
+
+    retro = sub.add_parser("retro", help="RETRO: the retrieval database")
+    rsub = retro.add_subparsers(dest="retro", metavar="COMMAND", required=True)
+    p = rsub.add_parser(
+        "build-db",
+        help="chunk a corpus's training split, key each chunk with a frozen embedder",
+    )
+    p.add_argument("--source", default="stdlib", help="as data.source (default stdlib)")
+    p.add_argument("--out", required=True, help="the database directory")
+    p.add_argument("--chunk", type=int, default=64, help="tokens per chunk (default 64)")
+    p.add_argument("--embedder", choices=["sketch", "model"], default="sketch")
+    p.add_argument("--embedder-checkpoint", help="with --embedder model: a run or checkpoint")
+    p.add_argument("--val-percent", type=float, default=5.0, help="as data.val_percent")
+    p.add_argument("--max-bytes", type=int, default=0, help="as data.max_bytes")
+    p.add_argument("--force", action="store_true", help="replace an existing database")
+    p.set_defaults(func=_retro_build)
+    p = rsub.add_parser("info", help="a database's manifest and size")
+    p.add_argument("db")
+    p.set_defaults(func=_retro_info)
+    p = rsub.add_parser("search", help="the nearest chunks of a text")
+    p.add_argument("db")
+    p.add_argument("--text", required=True, help="a query (its first chunk is used)")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--index", choices=INDEXES, default="exact", help="exact, or a faiss index")
+    p.set_defaults(func=_retro_search)
+    p = rsub.add_parser(
+        "recall", help="a faiss index's recall against exact search, and time per query"
+    )
+    p.add_argument("db")
+    p.add_argument("--index", choices=INDEXES[1:], default="ivf")
+    p.add_argument("--queries", type=int, default=256, help="database chunks used as queries")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_retro_recall)
+
+
 def _info(args) -> int:
     import json
 
@@ -441,6 +564,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_info)
     _generate_parser(sub)
     _hf_parsers(sub)
+    _retro_parsers(sub)
     _bench_parser(sub, argv[1] if argv and len(argv) > 1 and argv[0] == "bench" else None)
     return parser
 

@@ -13,9 +13,6 @@ which the backends of :mod:`longctx.hf` read."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .._util import atomic_dir
 from ..data.tokenizer import BOS, EOD, PAD
 from ..nn.patterns import make_pattern
 from .config import ModelConfig
@@ -115,25 +113,15 @@ def export_hf(model: DecoderLM, out_dir: str | Path, *, overwrite: bool = False)
     model.safetensors), loadable with ``transformers`` (``from_pretrained``) and with
     :func:`from_hf`. The directory is written whole or not at all; an existing export is
     replaced only with ``overwrite``."""
-    out_dir = Path(out_dir)
     config = llama_config(model.cfg)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} exists and is not empty; choose a new directory (or overwrite=True, "
-            "--force on the command line)"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    how = "overwrite=True, --force on the command line, replaces it"
     try:
-        save_file(llama_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            save_file(llama_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    except FileExistsError as exc:
+        raise FileExistsError(f"{exc} ({how})") from None
+    return Path(out_dir)
 
 
 # ---------------------------------------------------------------- Llama -> longctx

@@ -25,18 +25,32 @@ EXACT_BELOW = 16384  # an ivf row searches exactly (torch) until it holds this m
 REGROW = 4  # an ivf row is rebuilt (more lists) each time it grows this many times
 
 
-def require_faiss():
+def require_faiss(
+    what: str = "memory retrieval 'faiss'", instead: str = "use retrieval 'dense' or 'topk'"
+):
     """The faiss module, or an ImportError that names the extra to install."""
     try:
         import faiss  # noqa: F401
     except ImportError:
         raise ImportError(
-            "memory retrieval 'faiss' needs the faiss package: install the optional extra "
-            "with `pip install longctx[faiss]` (faiss-cpu), or use retrieval 'dense' or 'topk'"
+            f"{what} needs the faiss package: install the optional extra with "
+            f"`pip install longctx[faiss]` (faiss-cpu), or {instead}"
         ) from None
     import faiss
 
     return faiss
+
+
+def ivf_lists(entries: int) -> int:
+    """Inverted lists of an IVF index over ``entries`` keys: about 4 sqrt(N), a power of
+    two, at least 8 keys per list."""
+    target = 4 * math.sqrt(max(entries, 1))
+    return max(1, min(2 ** round(math.log2(target)), entries // 8 or 1))
+
+
+def ivf_probes(lists: int, nprobe: int = 0) -> int:
+    """Lists a query scans: ``nprobe``, or (0) about 3 sqrt(lists)."""
+    return min(lists, nprobe or max(1, round(3 * math.sqrt(lists))))
 
 
 def torch_topk(keys: Tensor, valid: Tensor, queries: Tensor, k: int) -> Tensor:
@@ -134,14 +148,11 @@ class FaissIndex:
 
     def lists_for(self, entries: int) -> int:
         """Lists of an index built over ``entries`` keys."""
-        if self.kind == "flat":
-            return 1
-        target = 4 * math.sqrt(max(entries, 1))
-        return max(1, min(2 ** round(math.log2(target)), entries // 8 or 1))
+        return 1 if self.kind == "flat" else ivf_lists(entries)
 
     def probes(self, lists: int) -> int:
         """Lists a query scans."""
-        return min(lists, self.nprobe or max(1, round(3 * math.sqrt(lists))))
+        return ivf_probes(lists, self.nprobe)
 
     # ------------------------------------------------------------ kept in step
 
@@ -264,6 +275,8 @@ __all__ = [
     "EXACT_BELOW",
     "FaissIndex",
     "attend_selected",
+    "ivf_lists",
+    "ivf_probes",
     "recall_at_k",
     "require_faiss",
     "torch_topk",

@@ -1,0 +1,240 @@
+"""The RETRO database: document-aligned chunks, continuations, frozen embedders, exact
+search with exclusions, corrupt/mismatched databases, and the chunk overlap r(C)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from longctx.data.tokenizer import EOD, PAD
+from longctx.retro import (
+    DatabaseError,
+    RetroDB,
+    SketchEmbedder,
+    chunk_overlap,
+    document_chunks,
+    longest_common_run,
+    make_embedder,
+)
+
+M = 8
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A directory of small text files (documents of varied lengths)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota"]
+    for i in range(30):
+        n = int(rng.integers(3, 60))
+        text = " ".join(rng.choice(words, n)) + f" doc{i}\n"
+        (root / f"f{i:02d}.txt").write_text(text)
+    return root
+
+
+@pytest.fixture
+def db(corpus, tmp_path):
+    return RetroDB.build(str(corpus), tmp_path / "db", chunk=M, progress=False)
+
+
+def test_document_chunks_never_cross_documents():
+    stream = np.array([1, 2, 3, EOD, 4, 5, 6, 7, 8, 9, 10, EOD, 11], dtype=np.uint16)
+    tokens, docs = document_chunks(stream, 4)
+    assert tokens.tolist() == [
+        [1, 2, 3, PAD], [4, 5, 6, 7], [8, 9, 10, PAD], [11, PAD, PAD, PAD],
+    ]  # fmt: skip
+    assert docs.tolist() == [0, 1, 1, 2]
+
+
+def test_continuation_is_the_true_next_chunk(db, corpus):
+    from longctx.data.corpus import DataConfig, load_corpus
+
+    stream = load_corpus(DataConfig(source=str(corpus))).train
+    documents = [d for d in np.split(stream, np.flatnonzero(stream == EOD)) if len(d)]
+    documents = [d[d != EOD] for d in documents]
+    documents = [d for d in documents if len(d)]
+    assert db.manifest["documents"] == len(documents)
+    start = 0
+    for doc in documents:
+        n = -(-len(doc) // M)
+        padded = np.full(n * M + M, PAD, dtype=np.uint16)  # one more chunk of PAD: F at the end
+        padded[: len(doc)] = doc
+        ids = np.arange(start, start + n)
+        assert (db.tokens[ids] == padded[: n * M].reshape(n, M)).all()
+        assert (db.continuation(ids) == padded[M : n * M + M].reshape(n, M)).all()
+        values = db.neighbours(ids[None, :])[0].numpy()  # [N, F]
+        assert (values[:, :M] == db.tokens[ids]).all() and (
+            values[:, M:] == db.continuation(ids)
+        ).all()
+        start += n
+    assert start == len(db)
+    assert (db.neighbours(np.array([[-1]])) == PAD).all()
+
+
+def test_exact_search_equals_brute_force_with_exclusions(db):
+    g = torch.Generator().manual_seed(1)
+    queries = torch.nn.functional.normalize(torch.randn(37, db.keys.shape[1], generator=g), dim=-1)
+    keys = torch.from_numpy(np.asarray(db.keys, dtype=np.float32))
+    docs = torch.from_numpy(np.asarray(db.docs, dtype=np.int64))
+    k = 5
+    scores, ids = db.search(queries, k, batch=10)
+    full = queries @ keys.T
+    ref = full.topk(k, dim=1)
+    torch.testing.assert_close(scores, ref.values)
+    assert torch.equal(full.gather(1, ids), ref.values)  # ties may permute ids
+    own_docs = torch.randint(0, int(docs.max()) + 1, (37,), generator=g)
+    own_ids = torch.randint(0, len(db), (37,), generator=g)
+    scores, ids = db.search(queries, k, exclude_docs=own_docs, exclude_ids=own_ids)
+    masked = full.masked_fill(docs[None, :] == own_docs[:, None], -torch.inf)
+    masked = masked.scatter(1, own_ids[:, None], -torch.inf)
+    torch.testing.assert_close(scores, masked.topk(k, dim=1).values)
+    assert not (docs[ids] == own_docs[:, None]).any()  # no neighbour from the own document
+    assert not (ids == own_ids[:, None]).any()
+    # more neighbours than chunks: the rest are -1 with score -inf
+    scores, ids = db.search(queries[:2], len(db) + 3)
+    assert (ids[:, -3:] == -1).all() and torch.isneginf(scores[:, -3:]).all()
+
+
+def test_a_database_chunk_finds_itself_unless_excluded(db):
+    full = np.flatnonzero((db.tokens != PAD).all(1))  # chunks without padding
+    ids = torch.from_numpy(full[[0, 7, -1]].astype(np.int64))
+    keys = db.embed(torch.from_numpy(db.tokens[ids.numpy()].astype(np.int64)))
+    _, found = db.search(keys, 1)
+    scores = keys @ torch.from_numpy(np.asarray(db.keys, dtype=np.float32))[found[:, 0]].T
+    assert torch.allclose(scores.diagonal(), torch.ones(3), atol=2e-3)  # itself or a copy
+    _, found = db.search(keys, 3, exclude_ids=ids)
+    assert not (found == ids[:, None]).any()
+
+
+def test_embedders_are_deterministic_unit_vectors(db, tmp_path):
+    chunks = torch.from_numpy(db.tokens[:50].astype(np.int64))
+    a, b = SketchEmbedder()(chunks), make_embedder(db.manifest["embedder"])(chunks)
+    assert torch.equal(a, b)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(50), atol=1e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(db.keys[:50].astype(np.float32)), a, atol=1e-3, rtol=0
+    )
+    assert not torch.equal(SketchEmbedder(seed=1)(chunks), a)
+    # the model embedder: a frozen checkpoint's mean-pooled middle-layer states
+    from longctx.model import DecoderLM, ModelConfig, save_checkpoint
+
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(d_model=32, n_layers=2, n_heads=2))
+    run = tmp_path / "run"
+    save_checkpoint(
+        run / "checkpoints", 1, {"model": model.state_dict()},
+        {"config": {"model": model.cfg.to_dict()}, "tokens": 0},
+    )  # fmt: skip
+    e1, e2 = make_embedder("model", run), make_embedder("model", run)
+    x, y = e1(chunks), e2(chunks)
+    assert x.shape == (50, 32) and torch.equal(x, y)
+    assert torch.allclose(x.norm(dim=-1), torch.ones(50), atol=1e-5)
+    db2 = RetroDB.build(
+        str(tmp_path / "corpus"), tmp_path / "db-model", chunk=M, embedder="model",
+        checkpoint=run, progress=False,
+    )  # fmt: skip
+    assert db2.manifest["embedder"]["kind"] == "model" and db2.keys.shape[1] == 32
+    torch.testing.assert_close(db2.embed(chunks), x)
+
+
+def test_bad_databases_are_clear_errors(db, tmp_path):
+    with pytest.raises(DatabaseError, match="no manifest"):
+        RetroDB.open(tmp_path / "nothing")
+    with pytest.raises(FileExistsError, match="not empty"):
+        RetroDB.build(str(tmp_path / "corpus"), db.path, chunk=M, progress=False)
+    RetroDB.open(db.path)  # untouched
+    manifest = json.loads((db.path / "manifest.json").read_text())
+    with pytest.raises(DatabaseError, match="chunks of 8 tokens; the model uses 64"):
+        db.check_compatible(chunk=64)
+    with pytest.raises(DatabaseError, match="keyed by"):
+        db.check_compatible(embedder={"kind": "sketch", "dim": 64})
+    (db.path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(DatabaseError, match="format version 99"):
+        RetroDB.open(db.path)
+    (db.path / "manifest.json").write_text("{broken")
+    with pytest.raises(DatabaseError, match="not valid JSON"):
+        RetroDB.open(db.path)
+    (db.path / "manifest.json").write_text(json.dumps({**manifest, "chunks": 5}))
+    with pytest.raises(DatabaseError, match="shape"):
+        RetroDB.open(db.path)
+    (db.path / "manifest.json").write_text(json.dumps(manifest))
+    keys = (db.path / "keys.npy").read_bytes()
+    (db.path / "keys.npy").write_bytes(keys[: len(keys) // 2])
+    with pytest.raises(DatabaseError, match="keys.npy"):
+        RetroDB.open(db.path)
+    (db.path / "keys.npy").unlink()
+    with pytest.raises(DatabaseError, match="keys.npy is missing"):
+        RetroDB.open(db.path)
+    with pytest.raises(ValueError, match="shape"):
+        db.embed(torch.zeros(2, M + 1, dtype=torch.long))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        RetroDB.build(str(empty), tmp_path / "db-empty", progress=False)
+
+
+def test_chunk_overlap():
+    rng = np.random.default_rng(0)
+    chunk = torch.from_numpy(rng.integers(0, 50, (1, 16)))
+    neighbours = torch.from_numpy(rng.integers(50, 100, (1, 3, 32)))  # a disjoint alphabet
+    assert chunk_overlap(chunk, neighbours).item() == 0.0
+    copied = neighbours.clone()
+    copied[0, 1, 5:21] = chunk[0]  # the chunk copied into a neighbour
+    assert chunk_overlap(chunk, copied).item() == 1.0
+    # against a brute-force longest common substring on small random sequences
+    for _ in range(20):
+        a = rng.integers(0, 3, (2, 10))
+        b = rng.integers(0, 3, (2, 2, 12))
+        got = longest_common_run(torch.from_numpy(a), torch.from_numpy(b))
+        for q in range(2):
+            best = 0
+            for nb in b[q]:
+                for i in range(10):
+                    for j in range(12):
+                        n = 0
+                        while i + n < 10 and j + n < 12 and a[q, i + n] == nb[j + n]:
+                            n += 1
+                        best = max(best, n)
+            assert got[q].item() == best
+    padded = torch.full((1, 4), PAD)
+    assert longest_common_run(padded, torch.full((1, 1, 4), PAD)).item() == 0  # PAD: no match
+
+
+def test_cli_build_search_info(corpus, tmp_path, capsys):
+    from longctx.cli import main
+
+    out = tmp_path / "cli-db"
+    build = ["retro", "build-db", "--source", str(corpus), "--out", str(out)]
+    assert main([*build, "--chunk", "16"]) == 0
+    assert "chunks of 16 tokens" in capsys.readouterr().out
+    assert main(["retro", "search", str(out), "--text", "alpha beta gamma", "-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "chunk" in lines[0]
+    assert main(["retro", "info", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["chunk"] == 16
+    assert main(build) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_faiss_search_respects_exclusions_and_reports_recall(db, kind):
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, len(db), (40,), generator=g)
+    queries = db.embed(torch.from_numpy(db.tokens[ids.numpy()].astype(np.int64)))
+    docs = torch.from_numpy(np.asarray(db.docs, dtype=np.int64))
+    scores, found = db.search(queries, 4, index=kind, exclude_docs=docs[ids], exclude_ids=ids)
+    assert found.shape == (40, 4) and (found >= 0).all()
+    assert not (docs[found] == docs[ids][:, None]).any()
+    exact = db.search(queries, 4, exclude_docs=docs[ids], exclude_ids=ids)[0]
+    assert (scores <= exact[:, :1] + 1e-4).all()  # never better than the exact best
+    recall = db.recall(kind, queries, 4)
+    assert 0.0 < recall <= 1.0
+    if kind == "flat":
+        assert recall >= 0.95  # exact up to float ties
+        torch.testing.assert_close(scores, exact, atol=1e-4, rtol=0)
+    scores, found = db.search(queries[:2], len(db) + 2, index=kind)
+    assert (found[:, -2:] == -1).all()
