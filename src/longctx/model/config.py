@@ -19,6 +19,7 @@ from typing import Any
 from ..config import from_dict, to_dict
 from ..nn.feedforward import FeedForwardKind, SwiGLUFFN, make_ffn
 from ..nn.patterns import Dense, Pattern, make_pattern
+from ..nn.retro import RetroConfig
 
 # flat keys of format 1, by the kind they configure, and their names in the nested table
 _LEGACY_ATTENTION = {
@@ -153,6 +154,8 @@ class ModelConfig:
     tie_embeddings: bool = True  # false: a separate output head (lm_head)
     attention: Pattern = field(default_factory=Dense)
     ffn: FeedForwardKind = field(default_factory=SwiGLUFFN)
+    # RETRO: chunked cross-attention layers reading retrieved neighbours (off by default)
+    retro: RetroConfig = field(default_factory=RetroConfig)
 
     def __init__(self, **kwargs):
         kwargs, renamed = translate_legacy(kwargs)
@@ -208,6 +211,9 @@ class ModelConfig:
         self.attention = make_pattern(self.attention, "model.attention")
         self.ffn = make_ffn(self.ffn, "model.ffn")
         self.attention.check_model(self.d_model, self.n_heads, self.n_layers)
+        if isinstance(self.retro, dict):
+            self.retro = from_dict(RetroConfig, self.retro, "model.retro")
+        self.retro.check_model(self.n_layers)
 
     def __getattr__(self, name: str):
         """Reading a flat key of longctx 0.1 (``cfg.segment_lengths``, ...) still works,

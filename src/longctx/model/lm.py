@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..nn import MemoryAttention, MultiHeadAttention, NgramEmbedding, RMSNorm, Router
 from ..nn.chunking import token_chunks
+from ..nn.retro import ChunkedCrossAttention, NeighbourEncoder, RetroContext
 from ..nn.state import ModelState
 from .config import ModelConfig
 
@@ -56,12 +57,22 @@ class DecoderBlock(nn.Module):
         self.attn = cfg.attention.build(cfg.d_model, cfg.n_heads, layer, rope_base=cfg.rope_base)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = cfg.ffn.build(cfg.d_model, cfg.hidden)
+        retro = layer in cfg.retro.layers  # RETRO: chunked cross-attention after attention
+        self.cca_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if retro else None
+        self.cca = (
+            ChunkedCrossAttention(cfg.d_model, cfg.n_heads, cfg.retro.chunk, cfg.rope_base)
+            if retro
+            else None
+        )
         self.recompute = False
         self.token_chunk = 0
         self.routed = any(isinstance(m, Router) for m in self.modules())
 
-    def forward(self, x: Tensor, positions: Tensor, state=None) -> Tensor:
-        """x (B, N, C) at ``positions`` (N,); ``state``: this layer's state or None."""
+    def forward(self, x: Tensor, positions: Tensor, state=None, retro=None) -> Tensor:
+        """x (B, N, C) at ``positions`` (N,); ``state``: this layer's state or None;
+        ``retro``: the forward's :class:`~longctx.nn.retro.RetroContext` (neighbours)."""
+        if retro is not None and self.cca is not None:
+            return self._forward(x, positions, state, retro)
         if self.recompute and state is None and torch.is_grad_enabled():
             if self.routed:
                 # routers leave their auxiliary losses for the objective: the forward must
@@ -72,11 +83,15 @@ class DecoderBlock(nn.Module):
             return checkpoint(self._forward, x, positions, use_reentrant=True)
         return self._forward(x, positions, state)
 
-    def _forward(self, x: Tensor, positions: Tensor, state=None) -> Tensor:
+    def _forward(self, x: Tensor, positions: Tensor, state=None, retro=None) -> Tensor:
         if isinstance(self.attn, MultiHeadAttention):  # the norm is chunked with its input
             x = x + self.attn(x, positions, state, pre=self.attn_norm)
         else:
             x = x + self.attn(self.attn_norm(x), positions, state)
+        if retro is not None and self.cca is not None:
+            start = int(positions[0]) if len(positions) else 0
+            encoded = retro.encoded(x, start)  # the first retrieval layer encodes
+            x = x + self.cca(self.cca_norm(x), encoded, retro.visible, start)
         chunk = self.token_chunk if getattr(self.ffn, "per_token", False) else 0
         return x + token_chunks(self._ffn, (x,), (1,), chunk, 1, recomputed=chunk > 0)
 
@@ -98,6 +113,18 @@ class DecoderLM(nn.Module):
         )
         self.blocks = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.retro_encoder = (
+            NeighbourEncoder(
+                cfg.d_model,
+                cfg.n_heads,
+                cfg.retro.encoder_layers,
+                cfg.hidden,
+                cfg.rope_base,
+                cfg.norm_eps,
+            )  # fmt: skip
+            if cfg.retro.enabled
+            else None
+        )
         self.lm_head = (
             None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         )
@@ -132,6 +159,7 @@ class DecoderLM(nn.Module):
         positions: Tensor | None = None,
         start: int | None = None,
         last_only: bool = False,
+        neighbours: Tensor | None = None,
     ) -> Tensor:
         """tokens (B, N) int64 -> logits (B, N, vocab) (float32, or float64 for a float64
         model); with ``last_only``, the last position's only (B, 1, vocab).
@@ -140,8 +168,12 @@ class DecoderLM(nn.Module):
         holds (0 without one). ``state`` (from :meth:`new_state`) continues earlier calls
         (prefill chunks, decoded tokens, memory windows) and is updated in place; a memory
         model without one gets a fresh memory. ``positions`` (N,): explicit global
-        positions of the tokens (sequence parallelism), stateless only."""
-        x = self.hidden_states(tokens, state, positions=positions, start=start)
+        positions of the tokens (sequence parallelism), stateless only. ``neighbours``
+        (B, l, k, r): a RETRO model's retrieved neighbours of chunks 0..l-1 (token ids,
+        PAD = absent; see :mod:`longctx.nn.retro`), whole sequences from position 0."""
+        x = self.hidden_states(
+            tokens, state, positions=positions, start=start, neighbours=neighbours
+        )
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         return self.head(x)
@@ -161,6 +193,7 @@ class DecoderLM(nn.Module):
         *,
         positions: Tensor | None = None,
         start: int | None = None,
+        neighbours: Tensor | None = None,
     ) -> Tensor:
         """The last block's output (B, N, C) before the head (arguments as
         :meth:`forward`)."""
@@ -191,15 +224,39 @@ class DecoderLM(nn.Module):
         x = self.embed_tokens(tokens, history)  # (B, N, C)
         if positions is None:
             positions = torch.arange(start, start + N, device=tokens.device)
+        retro = self._retro_context(neighbours, B, state, start, positions)
         if state is None:
             for block in self.blocks:
-                x = block(x, positions)
+                x = block(x, positions, None, retro)
         else:
             state.observe(tokens, start)
             for block, layer_state in zip(self.blocks, state.layers):
                 x = block(x, positions, layer_state)
             state.length = start + N
         return x
+
+    def _retro_context(self, neighbours, batch, state, start, positions) -> RetroContext | None:
+        """The forward's RETRO input, checked (None without neighbours)."""
+        if neighbours is None:
+            return None
+        if self.retro_encoder is None:
+            raise ValueError(
+                "neighbours given, but the model has no retrieval layers (model.retro)"
+            )
+        if state is not None or start or int(positions[0]) != 0:
+            raise ValueError(
+                "a RETRO forward with neighbours takes whole sequences from position 0 "
+                "(no decode state, no offset)"
+            )
+        if neighbours.dim() != 4 or neighbours.shape[0] != batch:
+            raise ValueError(
+                f"neighbours must have shape ({batch}, chunks, k, tokens), got "
+                f"{tuple(neighbours.shape)}"
+            )
+        device = self.embed.weight.device
+        return RetroContext(
+            neighbours.to(device), self.cfg.retro.chunk, self.embed, self.retro_encoder
+        )
 
     def _check_ngram(self, start: int, positions: Tensor | None, history: Tensor | None) -> None:
         if self.ngram is None:
