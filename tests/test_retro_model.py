@@ -236,5 +236,60 @@ def test_retro_errors():
     with pytest.raises(ValueError, match="position 0"):
         m(x, neighbours=nb, start=4)
     state = m.new_state(2, capacity=32)
-    with pytest.raises(ValueError, match="position 0"):
+    with pytest.raises(ValueError, match="new_state"):
         m(x, state, neighbours=nb)
+    with pytest.raises(ValueError, match="shape"):
+        m.new_state(2, neighbours=nb[0])
+    with pytest.raises(ValueError, match="retriever must return"):
+        m(x, m.new_state(2, capacity=32, retriever=lambda ids: ids))
+    with pytest.raises(ValueError, match="no retrieval layers"):
+        retro_model(layers=()).new_state(2, retriever=retriever)
+
+
+def retriever(ids):
+    """Deterministic neighbours (B, k, 2m) from a chunk's ids (B, m)."""
+    out = []
+    for row in ids:
+        g = torch.Generator().manual_seed(int((row * torch.arange(1, M + 1)).sum()))
+        out.append(torch.randint(0, 256, (K, 2 * M), generator=g))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("sizes", [[19], [5, 14], [1] * 19, [3, 1, 8, 7]])
+def test_decoding_equals_the_full_forward(sizes):
+    m = retro_model()
+    x, nb = data()
+    with torch.no_grad():
+        full = m(x, neighbours=nb)
+        state = m.new_state(2, capacity=32, neighbours=nb)
+        outs, a = [], 0
+        for n in sizes:
+            outs.append(m(x[:, a : a + n], state))
+            a += n
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-12, rtol=0)
+    assert state.retro.chunks == 4 and state.nbytes > 0
+
+
+def test_generation_retrieves_at_each_chunk_end_and_equals_the_full_forward():
+    from longctx.model import generate
+
+    m = retro_model()
+    calls = []
+
+    def counting(ids):
+        calls.append(ids.clone())
+        return retriever(ids)
+
+    prompt = data()[0][0, :6].tolist()
+    gen = generate(m, prompt, 13, temperature=0, return_logits=True, retriever=counting)
+    seq = torch.tensor([prompt + gen.tokens])
+    assert len(calls) == (len(prompt) + 12) // M  # once per completed chunk, encoded once
+    for u, ids in enumerate(calls):
+        assert torch.equal(ids, seq[:, u * M : (u + 1) * M])
+    nb = torch.stack([retriever(seq[:, u * M : (u + 1) * M]) for u in range(len(calls))], 1)
+    with torch.no_grad():
+        full = m(seq, neighbours=nb)
+    for i, logits in enumerate(gen.logits):  # step i predicts position len(prompt) + i
+        torch.testing.assert_close(logits[0], full[0, len(prompt) - 1 + i], atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="RETRO model generates with a cache"):
+        generate(m, prompt, 2, cache="none", retriever=counting)

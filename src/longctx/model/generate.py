@@ -111,6 +111,7 @@ def generate(
     return_logits: bool = False,
     on_token: Callable[[int], None] | None = None,
     recompute_chunk: int = DEFAULT_CHUNK,
+    retriever: Callable[[Tensor], Tensor] | None = None,
 ) -> Generation:
     """Continue ``tokens`` (a prompt of ids, or (B, N) tensor) by up to max_new_tokens.
 
@@ -118,7 +119,9 @@ def generate(
     ``recompute_chunk``: its chunk of positions). ``temperature`` 0 is greedy. ``stop``:
     token-id sequences; generation ends when row 0 ends with one of them (included in
     the output). ``on_token`` is called with each new token of row 0 as it
-    is produced (streaming). ``prefill``: the prompt's chunk length.
+    is produced (streaming). ``prefill``: the prompt's chunk length. ``retriever``: a
+    RETRO model's neighbours of each chunk as it completes (chunk ids (B, m) ->
+    neighbours (B, k, r); see :meth:`DecoderLM.new_state`).
     """
     _check_args(cache, max_new_tokens, temperature, top_k, top_p)
     prompt = torch.as_tensor(tokens, dtype=torch.long)
@@ -139,6 +142,11 @@ def generate(
         if isinstance(recompute_chunk, bool) or not isinstance(recompute_chunk, int):
             raise ValueError(f"recompute_chunk must be an integer >= 1, got {recompute_chunk!r}")
     stateless = cache in ("none", "recompute")
+    if stateless and model.retro_encoder is not None:
+        raise ValueError(
+            f"cache={cache!r}: a RETRO model generates with a cache (full or dilated), "
+            "which holds its retrieved and encoded neighbours"
+        )
 
     def step_logits(seq: Tensor) -> Tensor:  # (B, V) of the last position, no state
         if cache == "recompute":
@@ -147,7 +155,7 @@ def generate(
 
     state = None
     if not stateless:
-        state = model.new_state(B, cache=cache, capacity=n + max_new_tokens)
+        state = model.new_state(B, cache=cache, capacity=n + max_new_tokens, retriever=retriever)
     note = "" if state is None else model.cache_note(cache)
     result = Generation(tokens=[], batch=prompt.new_zeros(B, 0), note=note)
     stops = [list(s) for s in stop if len(s)]

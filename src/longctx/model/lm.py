@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ..nn import MemoryAttention, MultiHeadAttention, NgramEmbedding, RMSNorm, Router
 from ..nn.chunking import token_chunks
 from ..nn.retro import ChunkedCrossAttention, NeighbourEncoder, RetroContext
-from ..nn.state import ModelState
+from ..nn.state import ModelState, RetroState
 from .config import ModelConfig
 
 # names of the routers in a block, as logged ("layer{i}.<name>")
@@ -64,6 +64,7 @@ class DecoderBlock(nn.Module):
             if retro
             else None
         )
+        self.layer = layer
         self.recompute = False
         self.token_chunk = 0
         self.routed = any(isinstance(m, Router) for m in self.modules())
@@ -89,9 +90,9 @@ class DecoderBlock(nn.Module):
         else:
             x = x + self.attn(self.attn_norm(x), positions, state)
         if retro is not None and self.cca is not None:
-            start = int(positions[0]) if len(positions) else 0
-            encoded = retro.encoded(x, start)  # the first retrieval layer encodes
-            x = x + self.cca(self.cca_norm(x), encoded, retro.visible, start)
+            encoded, visible = retro.read(self.layer, x)  # the first such layer encodes
+            if encoded is not None:
+                x = x + self.cca(self.cca_norm(x), encoded, visible, int(positions[0]))
         chunk = self.token_chunk if getattr(self.ffn, "per_token", False) else 0
         return x + token_chunks(self._ffn, (x,), (1,), chunk, 1, recomputed=chunk > 0)
 
@@ -224,39 +225,47 @@ class DecoderLM(nn.Module):
         x = self.embed_tokens(tokens, history)  # (B, N, C)
         if positions is None:
             positions = torch.arange(start, start + N, device=tokens.device)
-        retro = self._retro_context(neighbours, B, state, start, positions)
+        retro = self._retro_context(tokens, neighbours, state, start, positions)
         if state is None:
             for block in self.blocks:
                 x = block(x, positions, None, retro)
         else:
             state.observe(tokens, start)
             for block, layer_state in zip(self.blocks, state.layers):
-                x = block(x, positions, layer_state)
+                x = block(x, positions, layer_state, retro)
             state.length = start + N
         return x
 
-    def _retro_context(self, neighbours, batch, state, start, positions) -> RetroContext | None:
-        """The forward's RETRO input, checked (None without neighbours)."""
-        if neighbours is None:
-            return None
+    def _retro_context(self, tokens, neighbours, state, start, positions):
+        """The forward's RETRO context (None for a model without retrieval layers, or a
+        stateless forward without neighbours), checked."""
         if self.retro_encoder is None:
-            raise ValueError(
-                "neighbours given, but the model has no retrieval layers (model.retro)"
-            )
-        if state is not None or start or int(positions[0]) != 0:
-            raise ValueError(
-                "a RETRO forward with neighbours takes whole sequences from position 0 "
-                "(no decode state, no offset)"
-            )
-        if neighbours.dim() != 4 or neighbours.shape[0] != batch:
-            raise ValueError(
-                f"neighbours must have shape ({batch}, chunks, k, tokens), got "
-                f"{tuple(neighbours.shape)}"
-            )
-        device = self.embed.weight.device
-        return RetroContext(
-            neighbours.to(device), self.cfg.retro.chunk, self.embed, self.retro_encoder
-        )
+            if neighbours is not None:
+                raise ValueError(
+                    "neighbours given, but the model has no retrieval layers (model.retro.layers)"
+                )
+            return None
+        if state is not None:
+            if neighbours is not None:
+                raise ValueError("with a state, give the neighbours to new_state(neighbours=...)")
+            retro = state.retro
+        elif neighbours is None:
+            return None
+        else:
+            if start or int(positions[0]) != 0:
+                raise ValueError(
+                    "a stateless RETRO forward with neighbours takes whole sequences from "
+                    "position 0 (continue a sequence with a state)"
+                )
+            if neighbours.dim() != 4 or neighbours.shape[0] != tokens.shape[0]:
+                raise ValueError(
+                    f"neighbours must have shape ({tokens.shape[0]}, chunks, k, tokens), got "
+                    f"{tuple(neighbours.shape)}"
+                )
+            retro = RetroState(self.cfg.retro.chunk, given=neighbours.to(tokens.device))
+            retro.observe(tokens, 0)
+        rc = self.cfg.retro
+        return RetroContext(retro, self.embed, self.retro_encoder, min(rc.layers), rc.neighbours)
 
     def _check_ngram(self, start: int, positions: Tensor | None, history: Tensor | None) -> None:
         if self.ngram is None:
@@ -328,12 +337,17 @@ class DecoderLM(nn.Module):
         dtype=None,
         device=None,
         crossbatch: int | None = None,
+        neighbours: Tensor | None = None,
+        retriever=None,
     ) -> ModelState:
         """An empty state for ``batch`` rows: every layer's decode state under the cache
         policy ``cache`` (``"full"``, or ``"dilated"`` for dilated layers' bounded
         cache), full caches sized for ``capacity`` positions; memory layers get an empty
         memory. ``crossbatch=d``: instead, the training state of crossbatch (memory
-        layers read the previous window of their row and of d other rows)."""
+        layers read the previous window of their row and of d other rows). A RETRO model's
+        chunks read ``neighbours`` (B, l, k, r) given in advance for chunks below l, then
+        what ``retriever`` (chunk ids (B, m) -> neighbours (B, k, r)) returns when a chunk
+        completes, else nothing."""
         w = self.embed.weight
         dtype, device = dtype or w.dtype, device or w.device
         policy, options = (
@@ -346,7 +360,20 @@ class DecoderLM(nn.Module):
         history = None
         if self.ngram is not None and crossbatch is None:
             history = torch.full((batch, self.cfg.ngram - 1), -1, dtype=torch.long, device=device)
-        return ModelState(layers, history)
+        retro = None
+        if self.retro_encoder is not None:
+            if neighbours is not None and (neighbours.dim() != 4 or neighbours.shape[0] != batch):
+                raise ValueError(
+                    f"neighbours must have shape ({batch}, chunks, k, tokens), got "
+                    f"{tuple(neighbours.shape)}"
+                )
+            given = None if neighbours is None else neighbours.to(device)
+            retro = RetroState(self.cfg.retro.chunk, given=given, retriever=retriever)
+        elif neighbours is not None or retriever is not None:
+            raise ValueError(
+                "neighbours or a retriever given, but the model has no retrieval layers"
+            )
+        return ModelState(layers, history, retro)
 
     def memory_layers(self) -> list[MemoryAttention]:
         """The memory layers (Focused Transformer), in order (empty for other models)."""

@@ -27,6 +27,7 @@ from ..data.tokenizer import PAD
 from .feedforward import SwiGLU
 from .norm import RMSNorm
 from .rotary import apply_rotary
+from .state import RetroState
 
 
 @dataclasses.dataclass
@@ -207,29 +208,48 @@ class ChunkedCrossAttention(nn.Module):
 
 
 class RetroContext:
-    """The retrieval input of one forward: neighbour token ids (B, l, k, r) of chunks
-    0..l-1, encoded once (:meth:`encoded`) at the first retrieval layer."""
+    """What the retrieval layers of one forward share: the model's
+    :class:`~longctx.nn.state.RetroState`, the embedding and encoder that encode
+    neighbours, and the first retrieval layer (where the chunks an input completes are
+    encoded, from their rows after that layer's self-attention)."""
 
-    def __init__(self, neighbours: Tensor, chunk: int, embed, encoder: NeighbourEncoder):
-        if neighbours.dim() != 4:
-            raise ValueError(
-                f"neighbours must have shape (batch, chunks, k, tokens), got "
-                f"{tuple(neighbours.shape)}"
-            )
-        self.neighbours = neighbours
-        self.visible = neighbours != PAD  # (B, l, k, r)
-        self.chunk, self.embed, self.encoder = chunk, embed, encoder
-        self._encoded: Tensor | None = None
+    def __init__(self, state: RetroState, embed, encoder: NeighbourEncoder, first: int, k: int):
+        self.state, self.embed, self.encoder = state, embed, encoder
+        self.first, self.k = first, k
 
-    def encoded(self, x: Tensor, start: int) -> Tensor:
-        """E (B, l', k, r, C) of the chunks complete in x (B, N, C) (positions from
-        ``start`` = 0), computed at the first call from those chunks' activations."""
-        if self._encoded is None:
-            if start:
-                raise ValueError("neighbours are encoded from a sequence that starts at 0")
-            m = self.chunk
-            full = min(x.shape[1] // m, self.neighbours.shape[1])
-            chunks = x[:, : full * m].reshape(x.shape[0], full, m, x.shape[-1])
-            tokens = self.neighbours[:, :full]
-            self._encoded = self.encoder(self.embed(tokens), chunks, self.visible[:, :full])
-        return self._encoded
+    def read(self, layer: int, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """E (B, l, k, r, C) and visibility (B, l, k, r) of the chunks completed so far,
+        for retrieval layer ``layer`` whose rows after self-attention are x (B, n, C)."""
+        st = self.state
+        if layer == self.first:
+            done = st.take_chunks(x)
+            if done is not None:
+                ids, rows = done  # (B, c, m), (B, c, m, C)
+                neighbours = self._neighbours(ids, rows.dtype)
+                visible = neighbours != PAD
+                st.append(neighbours, self.encoder(self.embed(neighbours), rows, visible))
+        if st.encoded is None:
+            return None, None
+        return st.encoded, st.neighbours != PAD
+
+    def _neighbours(self, ids: Tensor, dtype) -> Tensor:
+        """Neighbours (B, c, k, r) of the chunks ``ids`` (B, c, m) just completed."""
+        st, m = self.state, self.state.chunk
+        out = []
+        for j in range(ids.shape[1]):
+            u = st.chunks + j
+            if st.given is not None and u < st.given.shape[1]:
+                nb = st.given[:, u]
+            elif st.retriever is not None:
+                nb = torch.as_tensor(st.retriever(ids[:, j])).to(ids.device)
+                if nb.dim() != 3 or nb.shape[0] != ids.shape[0]:
+                    raise ValueError(
+                        f"the retriever must return neighbours (batch, k, tokens), got "
+                        f"{tuple(nb.shape)}"
+                    )
+            else:  # nothing retrieved: the chunk reads nothing
+                r = m * 2 if st.given is None else st.given.shape[-1]
+                k = self.k if st.given is None else st.given.shape[2]
+                nb = torch.full((ids.shape[0], k, r), PAD, device=ids.device)
+            out.append(nb.long())
+        return torch.stack(out, dim=1)

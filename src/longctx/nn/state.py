@@ -563,25 +563,93 @@ class CrossbatchState(LayerState):
 # ---------------------------------------------------------------- the model's state
 
 
+class RetroState(LayerState):
+    """A RETRO model's retrieval state (shared by its retrieval layers): the token ids
+    and first-retrieval-layer rows of the chunk in progress, and for every completed
+    chunk its neighbours' token ids (B, l, k, r) with their visibility (non-PAD) and
+    encodings E (B, l, k, r, C). Neighbours come from ``given`` (B, l', k, r) for chunks
+    below l' (known in advance: a whole sequence, teacher forcing), else from
+    ``retriever`` (chunk token ids (B, m) -> neighbours (B, k, r)) when the chunk
+    completes, else none."""
+
+    def __init__(self, chunk: int, given: Tensor | None = None, retriever=None):
+        self.chunk = chunk
+        self.given = given
+        self.retriever = retriever
+        self.pending_tokens: Tensor | None = None  # the current call's ids
+        self.tokens: Tensor | None = None  # (B, < m) ids of the chunk in progress
+        self.rows: Tensor | None = None  # (B, < m, C) its rows at the first retrieval layer
+        self.neighbours: Tensor | None = None  # (B, l, k, r) of completed chunks
+        self.encoded: Tensor | None = None  # (B, l, k, r, C)
+        self.length = 0
+
+    def tensors(self) -> list[Tensor]:
+        held = (self.tokens, self.rows, self.neighbours, self.encoded)
+        return [t for t in held if t is not None]
+
+    @property
+    def chunks(self) -> int:
+        """Completed chunks whose neighbours are held."""
+        return 0 if self.neighbours is None else self.neighbours.shape[1]
+
+    def observe(self, tokens: Tensor, start: int) -> None:
+        self.check_start(start)
+        self.pending_tokens = tokens
+        self.length = start + tokens.shape[1]
+
+    def take_chunks(self, rows: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Add the current call's rows (B, n, C) at the first retrieval layer (with its
+        observed ids); return the chunks this completes: (ids (B, c, m), rows
+        (B, c, m, C)), or None."""
+        tokens, self.pending_tokens = self.pending_tokens, None
+        if tokens is None or tokens.shape[1] != rows.shape[1]:
+            raise ValueError("a RETRO state must observe each input's token ids first")
+        if self.tokens is not None:
+            tokens = torch.cat([self.tokens, tokens], dim=1)
+            rows = torch.cat([self.rows, rows], dim=1)
+        m = self.chunk
+        done = tokens.shape[1] // m
+        self.tokens, self.rows = tokens[:, done * m :], rows[:, done * m :]
+        if done == 0:
+            return None
+        B, C = rows.shape[0], rows.shape[-1]
+        return tokens[:, : done * m].view(B, done, m), rows[:, : done * m].view(B, done, m, C)
+
+    def append(self, neighbours: Tensor, encoded: Tensor) -> None:
+        """Record completed chunks' neighbours (B, c, k, r) and encodings (B, c, k, r, C)."""
+        if self.neighbours is None:
+            self.neighbours, self.encoded = neighbours, encoded
+        else:
+            self.neighbours = torch.cat([self.neighbours, neighbours], dim=1)
+            self.encoded = torch.cat([self.encoded, encoded], dim=1)
+
+
 class ModelState:
     """What a model carries between calls: one state per layer (None for layers that
     keep nothing), the n-gram embedding's token history (B, n - 1) (None when the model
-    has none), and the position the next input starts at. ``nbytes`` counts the layer
-    states."""
+    has none), a RETRO model's :class:`RetroState` (None otherwise), and the position
+    the next input starts at. ``nbytes`` counts the layer and retrieval states."""
 
-    def __init__(self, layers: list[LayerState | None], history: Tensor | None = None):
+    def __init__(
+        self,
+        layers: list[LayerState | None],
+        history: Tensor | None = None,
+        retro: RetroState | None = None,
+    ):
         self.layers = layers
         self.history = history
+        self.retro = retro
         self.length = 0
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every layer's state."""
-        return sum(s.nbytes for s in self.layers if s is not None)
+        """Bytes of every layer's state (and the retrieval state)."""
+        held = [*self.layers, self.retro]
+        return sum(s.nbytes for s in held if s is not None)
 
     def observe(self, tokens: Tensor, start: int) -> None:
         """Show the input's token ids to every layer state (before the layers run)."""
-        for s in self.layers:
+        for s in [*self.layers, self.retro]:
             if s is not None:
                 s.observe(tokens, start)
 
@@ -594,6 +662,7 @@ __all__ = [
     "MemoryState",
     "MemoryStore",
     "ModelState",
+    "RetroState",
     "RecurrentState",
     "RoutedKVCache",
 ]
