@@ -2,6 +2,7 @@
 search with exclusions, corrupt/mismatched databases, and the chunk overlap r(C)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -238,3 +239,68 @@ def test_faiss_search_respects_exclusions_and_reports_recall(db, kind):
         torch.testing.assert_close(scores, exact, atol=1e-4, rtol=0)
     scores, found = db.search(queries[:2], len(db) + 2, index=kind)
     assert (found[:, -2:] == -1).all()
+
+
+# ---------------------------------------------------------------- training batches
+
+
+def retro_run_config(corpus, db_path, **model):
+    from longctx.train.config import RunConfig
+
+    return RunConfig.from_dict(
+        {
+            "model": {"d_model": 32, "n_layers": 2, "n_heads": 2,
+                      "retro": {"layers": [1], "chunk": M, "neighbours": 2, **model}},
+            "train": {"context": 32, "batch_size": 4, "max_steps": 3, "warmup_steps": 0,
+                      "eval_windows": 4, "log_every": 1, "eval_every": 0, "max_minutes": 0},
+            "data": {"source": str(corpus), "retro_db": str(db_path)},
+        }
+    )  # fmt: skip
+
+
+def test_training_batches_carry_neighbours_from_other_documents(db, corpus, tmp_path):
+    from longctx.data.corpus import sample_windows
+    from longctx.train.loop import Trainer
+
+    trainer = Trainer(retro_run_config(corpus, db.path), tmp_path / "run", progress=False)
+    x, y, nb = trainer.source.batch(3)
+    assert x.shape == (4, 32) and nb.shape == (4, 32 // M, 2, 2 * M)
+    # the same windows the plain source draws; no neighbour from the next chunk's document
+    rows, starts = sample_windows(trainer.source.base.corpus.train, 4, 32, 0, 3)
+    assert torch.equal(x, rows[:, :-1])
+    ends = trainer.source.ends
+    for b in range(4):
+        for u in range(32 // M):
+            doc = np.searchsorted(ends, starts[b] + (u + 1) * M, "left")
+            for n in range(2):
+                found = nb[b, u, n, :M].numpy()
+                same = np.flatnonzero((db.tokens == found).all(1))  # chunks with those tokens
+                assert len(same) and not (np.asarray(db.docs)[same] == doc).all()
+    # neighbours are exactly the searched ones
+    queries = db.embed(x.reshape(-1, M))
+    docs = torch.from_numpy(
+        np.searchsorted(ends, (starts[:, None] + (np.arange(4) + 1) * M).reshape(-1))
+    )
+    ids = db.search(queries, 2, exclude_docs=docs)[1]
+    assert torch.equal(nb, db.neighbours(ids.view(4, 4, 2)))
+    assert all(len(batch) == 3 for batch in trainer.source.val_batches)
+    first = trainer.train_step().loss
+    assert math.isfinite(first) and math.isfinite(trainer.evaluate())
+
+
+def test_training_refuses_a_mismatched_database(db, corpus, tmp_path):
+    from longctx.train.loop import Trainer
+
+    with pytest.raises(DatabaseError, match="chunks of 8 tokens; the model uses 16"):
+        Trainer(retro_run_config(corpus, db.path, chunk=16), tmp_path / "a", progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.txt").write_text("alpha beta gamma " * 50)
+    (other / "b.txt").write_text("delta eps zeta " * 50)
+    cfg = retro_run_config(other, db.path)
+    with pytest.raises(DatabaseError, match="data.source"):
+        Trainer(cfg, tmp_path / "b", progress=False)
+    cfg = retro_run_config(corpus, db.path)
+    cfg.data.retro_db = ""
+    with pytest.raises(ValueError, match="needs a retrieval database"):
+        Trainer(cfg, tmp_path / "c", progress=False)

@@ -15,11 +15,11 @@ from longctx.nn.rotary import apply_rotary
 M, K, H, C = 4, 2, 2, 16
 
 
-def retro_model(layers=(1, 2), n_layers=3, seed=0):
+def retro_model(layers=(1, 2), n_layers=3, seed=0, encoder_dim=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(
         d_model=C, n_heads=H, n_layers=n_layers,
-        retro={"layers": list(layers), "chunk": M, "neighbours": K},
+        retro={"layers": list(layers), "chunk": M, "neighbours": K, "encoder_dim": encoder_dim},
     )  # fmt: skip
     return DecoderLM(cfg).double().eval()
 
@@ -225,6 +225,8 @@ def test_retro_errors():
         ModelConfig(d_model=C, n_heads=H, n_layers=2, retro={"layers": [2]})
     with pytest.raises(ValueError, match="chunk"):
         ModelConfig(d_model=C, n_heads=H, n_layers=2, retro={"layers": [1], "chunk": 0})
+    with pytest.raises(ValueError, match="encoder_dim"):
+        ModelConfig(d_model=C, n_heads=H, n_layers=2, retro={"layers": [1], "encoder_dim": 6})
     with pytest.raises(ValueError, match="unknown key"):
         ModelConfig.from_dict({"retro": {"layer": [1]}})
     x, nb = data()
@@ -255,9 +257,11 @@ def retriever(ids):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("sizes", [[19], [5, 14], [1] * 19, [3, 1, 8, 7]])
-def test_decoding_equals_the_full_forward(sizes):
-    m = retro_model()
+@pytest.mark.parametrize(
+    "sizes,encoder_dim", [([19], 0), ([5, 14], 0), ([1] * 19, 0), ([3, 1, 8, 7], 8)]
+)
+def test_decoding_equals_the_full_forward(sizes, encoder_dim):
+    m = retro_model(encoder_dim=encoder_dim)
     x, nb = data()
     with torch.no_grad():
         full = m(x, neighbours=nb)

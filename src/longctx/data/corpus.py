@@ -26,6 +26,9 @@ class DataConfig:
     source: str = "stdlib"  # "stdlib", a text file, a directory, or a glob
     val_percent: float = 5.0
     max_bytes: int = 0  # 0 = no limit; else stop reading files after this many bytes
+    # RETRO: a database built from this corpus (longctx retro build-db); each training
+    # sequence's chunks read their neighbours from it
+    retro_db: str = ""
     # source "task:kv-retrieval": synthetic sequences instead of text (longctx.data.tasks)
     task_questions: float = 0.5  # chance that an item after the first window is a question
     task_local: float = 0.5  # chance that a question is about a record in its own window
@@ -170,16 +173,24 @@ def sample_batch(
     Depends only on (seed, step), so a resumed run draws exactly the batches an
     uninterrupted run would have drawn.
     """
+    x, _ = sample_windows(tokens, batch, seq_len, seed, step)
+    return x[:, :-1], x[:, 1:]
+
+
+def sample_windows(
+    tokens: np.ndarray, batch: int, seq_len: int, seed: int, step: int
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The windows of :func:`sample_batch`: (rows (batch, seq_len + 1) int64, their start
+    offsets in ``tokens`` (batch,))."""
     if len(tokens) < seq_len + 1:
         raise ValueError(
             f"the training split has {len(tokens)} tokens, fewer than the context length "
             f"{seq_len} + 1; use a shorter context or more text"
         )
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, len(tokens) - seq_len, (batch,), generator=g)
+    starts = torch.randint(0, len(tokens) - seq_len, (batch,), generator=g).numpy()
     rows = np.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()]).astype(np.int64)
-    x = torch.from_numpy(rows)
-    return x[:, :-1], x[:, 1:]
+    return torch.from_numpy(rows), starts
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> list[torch.Tensor]:

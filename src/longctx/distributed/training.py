@@ -149,6 +149,11 @@ def check_model(sp: SequenceParallel | None, cfg, context: int, *, strategy=None
         raise ValueError(ngram_refusal(cfg.ngram))
     if cfg.ffn.kind == "colt5":
         raise ValueError(ROUTING_REFUSAL)
+    if cfg.retro.enabled and (sp is not None or strategy is not None):
+        raise ValueError(
+            "sequence parallelism does not support RETRO layers (a chunk's neighbours are "
+            "encoded from the whole chunk); train RETRO without --sequence-parallel"
+        )
     if sp is None:
         if strategy is not None:
             cfg.attention.check_sequence_parallel(strategy, 1, cfg.n_heads, context)

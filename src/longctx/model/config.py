@@ -213,7 +213,7 @@ class ModelConfig:
         self.attention.check_model(self.d_model, self.n_heads, self.n_layers)
         if isinstance(self.retro, dict):
             self.retro = from_dict(RetroConfig, self.retro, "model.retro")
-        self.retro.check_model(self.n_layers)
+        self.retro.check_model(self.n_layers, self.d_model, self.n_heads)
 
     def __getattr__(self, name: str):
         """Reading a flat key of longctx 0.1 (``cfg.segment_lengths``, ...) still works,

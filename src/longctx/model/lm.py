@@ -60,7 +60,13 @@ class DecoderBlock(nn.Module):
         retro = layer in cfg.retro.layers  # RETRO: chunked cross-attention after attention
         self.cca_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if retro else None
         self.cca = (
-            ChunkedCrossAttention(cfg.d_model, cfg.n_heads, cfg.retro.chunk, cfg.rope_base)
+            ChunkedCrossAttention(
+                cfg.d_model,
+                cfg.n_heads,
+                cfg.retro.chunk,
+                cfg.rope_base,
+                cfg.retro.width(cfg.d_model),
+            )  # fmt: skip
             if retro
             else None
         )
@@ -116,12 +122,13 @@ class DecoderLM(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.retro_encoder = (
             NeighbourEncoder(
-                cfg.d_model,
+                cfg.retro.width(cfg.d_model),
                 cfg.n_heads,
                 cfg.retro.encoder_layers,
-                cfg.hidden,
+                cfg.hidden * cfg.retro.width(cfg.d_model) // cfg.d_model,
                 cfg.rope_base,
                 cfg.norm_eps,
+                cfg.d_model,
             )  # fmt: skip
             if cfg.retro.enabled
             else None
@@ -411,13 +418,15 @@ class DecoderLM(nn.Module):
         state: ModelState | None = None,
         positions: Tensor | None = None,
         normalizer: Tensor | int | None = None,
+        neighbours: Tensor | None = None,
     ) -> LossTerms:
         """The training objective's terms for (B, N) inputs and targets (-100: no loss).
         ``state``: e.g. a crossbatch state (:meth:`new_state`); ``positions``: the global
         positions of a sequence shard. ``normalizer``: the number of targets the
         cross-entropy is averaged over (default: this call's; a sequence shard passes the
-        whole batch's, so that the shards' terms sum to the batch's)."""
-        x = self.hidden_states(tokens, state, positions=positions)  # (B, N, C)
+        whole batch's, so that the shards' terms sum to the batch's). ``neighbours``: a
+        RETRO model's retrieved neighbours (see :meth:`forward`)."""
+        x = self.hidden_states(tokens, state, positions=positions, neighbours=neighbours)
         if self.token_chunk:
             nll = token_chunks(self._nll_sum, (x, targets), (1, 1), self.token_chunk, 0).sum()
             lm = nll / (normalizer if normalizer is not None else (targets != -100).sum())

@@ -35,12 +35,14 @@ class RetroConfig:
     """``[model.retro]``: the decoder layers with chunked cross-attention (``layers``,
     empty: no retrieval; the paper: every 3rd from the 6th), the chunk size ``chunk``
     (m), the neighbours per chunk in training ``neighbours`` (k), and the encoder's
-    ``encoder_layers``."""
+    ``encoder_layers`` of width ``encoder_dim`` (0: the decoder's; a narrower encoder
+    costs less: it reads k r tokens per m decoder tokens)."""
 
     layers: list[int] = dataclasses.field(default_factory=list)
     chunk: int = 64
     neighbours: int = 2
     encoder_layers: int = 2
+    encoder_dim: int = 0
 
     def __post_init__(self):
         if not isinstance(self.layers, list) or any(
@@ -53,12 +55,26 @@ class RetroConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.retro.{name} must be an integer >= 1, got {value!r}")
+        d = self.encoder_dim
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise ValueError(f"model.retro.encoder_dim must be an integer >= 0, got {d!r}")
 
     @property
     def enabled(self) -> bool:
         return bool(self.layers)
 
-    def check_model(self, n_layers: int) -> None:
+    def width(self, d_model: int) -> int:
+        """The encoder's width."""
+        return self.encoder_dim or d_model
+
+    def check_model(self, n_layers: int, d_model: int = 0, n_heads: int = 1) -> None:
+        if self.enabled and d_model:
+            w = self.width(d_model)
+            if w % n_heads or (w // n_heads) % 2:
+                raise ValueError(
+                    f"model.retro.encoder_dim {w} must split into {n_heads} heads of an even "
+                    "size (rotary positions)"
+                )
         bad = [i for i in self.layers if not 0 <= i < n_layers]
         if bad or len(set(self.layers)) != len(self.layers):
             raise ValueError(
@@ -83,17 +99,17 @@ def _merge_heads(y: Tensor) -> Tensor:
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of queries x (..., n, C) over a context (..., s, C), rotary
-    positions on both sides (``q_pos`` (n,), ``k_pos`` (s,)), keys hidden where
-    ``visible`` (..., s) is false; no causality."""
+    """Multi-head attention of queries x (..., n, C) over a context (..., s, C_kv) (width
+    ``kv_dim``, default C), rotary positions on both sides (``q_pos`` (n,), ``k_pos``
+    (s,)), keys hidden where ``visible`` (..., s) is false; no causality."""
 
-    def __init__(self, dim: int, n_heads: int, rope_base: float = 10000.0):
+    def __init__(self, dim: int, n_heads: int, rope_base: float = 10000.0, kv_dim: int = 0):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim {dim} is not a multiple of n_heads {n_heads}")
         self.n_heads, self.rope_base = n_heads, rope_base
         self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x, context, q_pos, k_pos, visible=None) -> Tensor:
@@ -135,12 +151,12 @@ class EncoderLayer(nn.Module):
     """Pre-norm: self-attention over a neighbour, cross-attention to its chunk's
     activations (``cross``: the first layer only), a SwiGLU feed-forward."""
 
-    def __init__(self, dim, n_heads, hidden, cross: bool, rope_base: float, eps: float):
+    def __init__(self, dim, n_heads, hidden, cross: bool, rope_base: float, eps: float, kv_dim=0):
         super().__init__()
         self.self_norm = RMSNorm(dim, eps)
         self.self_attn = SelfAttention(dim, n_heads, rope_base)
         self.cross_norm = RMSNorm(dim, eps) if cross else None
-        self.cross = CrossAttention(dim, n_heads, rope_base) if cross else None
+        self.cross = CrossAttention(dim, n_heads, rope_base, kv_dim) if cross else None
         self.ffn_norm = RMSNorm(dim, eps)
         self.ffn = SwiGLU(dim, hidden)
 
@@ -158,16 +174,24 @@ class EncoderLayer(nn.Module):
 
 class NeighbourEncoder(nn.Module):
     """RETRO's encoder: neighbour token embeddings (B, l, k, r, C) and the activations
-    of the chunks that retrieved them (B, l, m, C) -> E (B, l, k, r, C)."""
+    of the chunks that retrieved them (B, l, m, C) -> E (B, l, k, r, dim). A width
+    ``dim`` other than the decoder's ``model_dim`` adds an input projection."""
 
-    def __init__(self, dim, n_heads, n_layers, hidden, rope_base=10000.0, eps=1e-5):
+    def __init__(
+        self, dim, n_heads, n_layers, hidden, rope_base=10000.0, eps=1e-5, model_dim: int = 0
+    ):
         super().__init__()
+        model_dim = model_dim or dim
+        self.inp = nn.Linear(model_dim, dim, bias=False) if model_dim != dim else None
         self.layers = nn.ModuleList(
-            EncoderLayer(dim, n_heads, hidden, i == 0, rope_base, eps) for i in range(n_layers)
+            EncoderLayer(dim, n_heads, hidden, i == 0, rope_base, eps, model_dim)
+            for i in range(n_layers)
         )
         self.norm = RMSNorm(dim, eps)
 
     def forward(self, x: Tensor, chunks: Tensor, visible: Tensor) -> Tensor:
+        if self.inp is not None:
+            x = self.inp(x)
         for layer in self.layers:
             x = layer(x, chunks, visible)
         return self.norm(x)
@@ -178,10 +202,12 @@ class ChunkedCrossAttention(nn.Module):
     (B, l, k, r, C) of chunks 0..l-1 (``visible`` (B, l, k, r): non-PAD tokens) -> the
     residual update (B, N, C), zero where a position reads no chunk."""
 
-    def __init__(self, dim: int, n_heads: int, chunk: int, rope_base: float = 10000.0):
+    def __init__(
+        self, dim: int, n_heads: int, chunk: int, rope_base: float = 10000.0, kv_dim: int = 0
+    ):
         super().__init__()
         self.chunk = chunk
-        self.attn = CrossAttention(dim, n_heads, rope_base)
+        self.attn = CrossAttention(dim, n_heads, rope_base, kv_dim)
 
     def forward(self, x: Tensor, encoded: Tensor, visible: Tensor, start: int = 0) -> Tensor:
         B, N, C = x.shape
@@ -202,7 +228,7 @@ class ChunkedCrossAttention(nn.Module):
         q_pos = torch.arange(m - 1, 2 * m - 1, device=x.device)
         k_pos = torch.arange(r, device=x.device).repeat(k)  # each neighbour from 0
         seen = visible[:, first : last + 1].reshape(B, G, k * r)
-        y = self.attn(rows, e.reshape(B, G, k * r, C), q_pos, k_pos, seen)  # (B, G, m, C)
+        y = self.attn(rows, e.reshape(B, G, k * r, -1), q_pos, k_pos, seen)  # (B, G, m, C)
         out[:, a - start : b - start] = y.reshape(B, G * m, C)[:, front : front + b - a]
         return out
 

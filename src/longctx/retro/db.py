@@ -298,9 +298,17 @@ class RetroDB:
             raise ValueError(f"k must be >= 1, got {k}")
         if index not in INDEXES:
             raise ValueError(f"unknown index {index!r}; choose from {INDEXES}")
-        if index != "exact":
-            return self._search_faiss(queries, k, exclude_docs, exclude_ids, index)
-        return self._search_exact(queries, k, exclude_docs, exclude_ids, batch)
+        excluding = exclude_docs is not None or exclude_ids is not None
+        if index == "exact" and not excluding:
+            return self._search_exact(queries, k, None, None, batch)
+        # over-fetch without exclusions, drop the excluded, answer the rest exactly
+        fetch = min(len(self), 4 * k + 64 if excluding else k)
+        if index == "exact":
+            scores, ids = self._search_exact(queries, fetch, None, None, batch)
+        else:
+            found = self.faiss_index(index).search(queries.numpy(), fetch)
+            scores, ids = torch.from_numpy(found[0]), torch.from_numpy(found[1]).long()
+        return self._keep(queries, scores, ids, k, exclude_docs, exclude_ids, batch)
 
     def _search_exact(self, queries, k, exclude_docs, exclude_ids, batch):
         keys = self._float_keys()
@@ -354,14 +362,10 @@ class RetroDB:
             self._indexes[kind] = built
         return self._indexes[kind]
 
-    def _search_faiss(self, queries, k, exclude_docs, exclude_ids, kind):
-        """Over-fetch from the index, drop excluded chunks; a query left with fewer than
-        k (or with fewer than k in the database) is answered exactly."""
-        index = self.faiss_index(kind)
-        excluding = exclude_docs is not None or exclude_ids is not None
-        fetch = min(len(self), 4 * k + 64 if excluding else k)
-        scores, ids = index.search(queries.numpy(), fetch)
-        scores, ids = torch.from_numpy(scores), torch.from_numpy(ids).long()
+    def _keep(self, queries, scores, ids, k, exclude_docs, exclude_ids, batch):
+        """The best k of fetched candidates (q, f) that are not excluded; a query left
+        with fewer than k (a database smaller than k, or many excluded) is searched
+        again exactly, with its exclusions."""
         bad = ids < 0
         if exclude_docs is not None:
             docs = torch.from_numpy(np.asarray(self.docs, dtype=np.int64))
@@ -370,20 +374,18 @@ class RetroDB:
             bad |= ids == exclude_ids[:, None]
         scores = scores.masked_fill(bad, -math.inf)
         order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
-        scores, ids = (
-            scores.gather(1, order),
-            ids.gather(1, order).masked_fill(torch.isneginf(scores.gather(1, order)), -1),
-        )
+        scores = scores.gather(1, order)
+        ids = ids.gather(1, order).masked_fill(torch.isneginf(scores), -1)
         if scores.shape[1] < k:  # a database smaller than k
             pad = k - scores.shape[1]
             scores = torch.cat([scores, scores.new_full((len(scores), pad), -math.inf)], 1)
             ids = torch.cat([ids, ids.new_full((len(ids), pad), -1)], 1)
         short = (ids < 0).any(dim=1).nonzero().flatten()
-        if len(short):  # too few left after exclusion: exact for those queries
+        if len(short):
             redo = self._search_exact(
                 queries[short], k,
                 None if exclude_docs is None else exclude_docs[short],
-                None if exclude_ids is None else exclude_ids[short], 256,
+                None if exclude_ids is None else exclude_ids[short], batch,
             )  # fmt: skip
             scores[short], ids[short] = redo
         return scores, ids

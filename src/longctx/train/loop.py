@@ -86,10 +86,12 @@ def validation_bits(model: DecoderLM, batches, parallel: Parallel) -> float:
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for x, y in batches:
+    for x, y, *extra in batches:  # extra: a RETRO batch's neighbours
         xl, yl, positions, _ = parallel.shard(to_device(x, device), to_device(y, device))
         n = int((y >= 0).sum())
-        total += float(model.loss_terms(xl, yl, positions=positions, normalizer=n).lm) * n
+        nb = to_device(extra[0], device) if extra else None
+        terms = model.loss_terms(xl, yl, positions=positions, normalizer=n, neighbours=nb)
+        total += float(terms.lm) * n
         count += n
     model.train(was)
     (total,) = parallel.mean([total])
@@ -122,6 +124,15 @@ class Trainer:
             eval_windows=tc.eval_windows,
             corpus=corpus,
         )
+        if cfg.data.retro_db:  # RETRO: every batch carries its sequences' neighbours
+            from ..retro.source import retro_source
+
+            self.source = retro_source(self.source, cfg)
+        elif cfg.model.retro.enabled:
+            raise ValueError(
+                "model.retro.layers needs a retrieval database: build one with longctx retro "
+                "build-db and set data.retro_db"
+            )
         torch.manual_seed(tc.seed)
         self.model = DecoderLM(cfg.model).to(self.device)  # initialised on the CPU: any device
         self.model.set_activation_checkpointing(tc.activation_checkpointing, tc.token_chunk)
@@ -166,15 +177,18 @@ class Trainer:
         negatives = tc.crossbatch.at(self.step)  # memory models: crossbatch (None: off)
         loss, aux = 0.0, None
         for micro in range(tc.grad_accum):
-            x, y = self.source.batch(self.par.batch_index(self.step, micro, tc.grad_accum))
+            x, y, *extra = self.source.batch(
+                self.par.batch_index(self.step, micro, tc.grad_accum)
+            )  # extra: a RETRO batch's neighbours
             x, y = to_device(x, self.device), to_device(y, self.device)
+            nb = to_device(extra[0], self.device) if extra else None
             x, y, positions, normalizer = self.par.shard(x, y)  # this process's part
             state = None  # crossbatch: memory layers also read other rows' last windows
             if negatives is not None:
                 state = self.model.new_state(len(x), crossbatch=negatives)
             with self.autocast:  # every term of the objective, in one function
                 terms = self.model.loss_terms(
-                    x, y, state=state, positions=positions, normalizer=normalizer
+                    x, y, state=state, positions=positions, normalizer=normalizer, neighbours=nb
                 )
             (terms.total / tc.grad_accum).backward()
             loss += float(terms.lm.detach()) / tc.grad_accum
