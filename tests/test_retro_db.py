@@ -304,3 +304,23 @@ def test_training_refuses_a_mismatched_database(db, corpus, tmp_path):
     cfg.data.retro_db = ""
     with pytest.raises(ValueError, match="needs a retrieval database"):
         Trainer(cfg, tmp_path / "c", progress=False)
+
+
+def test_generation_with_a_database_retriever(db):
+    from longctx.model import DecoderLM, ModelConfig, generate
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2,
+                      retro={"layers": [1], "chunk": M, "neighbours": 2})  # fmt: skip
+    model = DecoderLM(cfg).double()
+    retriever = db.retriever(2)
+    prompt = db.tokens[3].astype(np.int64).tolist()[:5]
+    gen = generate(model, prompt, 12, temperature=0, return_logits=True, retriever=retriever)
+    seq = torch.tensor([prompt + gen.tokens])
+    chunks = (len(prompt) + 11) // M
+    nb = torch.stack([retriever(seq[:, u * M : (u + 1) * M]) for u in range(chunks)], 1)
+    assert nb.shape == (1, chunks, 2, 2 * M)
+    with torch.no_grad():
+        full = model(seq, neighbours=nb)
+    for i, logits in enumerate(gen.logits):
+        torch.testing.assert_close(logits[0], full[0, len(prompt) - 1 + i], atol=1e-10, rtol=0)

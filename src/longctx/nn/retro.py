@@ -251,14 +251,14 @@ class RetroContext:
             done = st.take_chunks(x)
             if done is not None:
                 ids, rows = done  # (B, c, m), (B, c, m, C)
-                neighbours = self._neighbours(ids, rows.dtype)
+                neighbours = self._neighbours(ids)
                 visible = neighbours != PAD
                 st.append(neighbours, self.encoder(self.embed(neighbours), rows, visible))
         if st.encoded is None:
             return None, None
         return st.encoded, st.neighbours != PAD
 
-    def _neighbours(self, ids: Tensor, dtype) -> Tensor:
+    def _neighbours(self, ids: Tensor) -> Tensor:
         """Neighbours (B, c, k, r) of the chunks ``ids`` (B, c, m) just completed."""
         st, m = self.state, self.state.chunk
         out = []

@@ -413,6 +413,15 @@ class RetroDB:
         _, ids = self.search(keys, k, exclude_docs=docs, exclude_ids=exclude_ids, index=index)
         return self.neighbours(ids)
 
+    def retriever(self, k: int, *, index: str = "exact"):
+        """A RETRO model's retriever for decoding and generation (``generate(...,
+        retriever=db.retriever(k))``): chunk ids (B, m) -> neighbours [N, F] (B, k, 2m)."""
+
+        def retrieve(chunks: Tensor) -> Tensor:
+            return self.retrieve(chunks.cpu(), k, index=index).to(chunks.device)
+
+        return retrieve
+
     def info(self) -> dict[str, Any]:
         """The manifest plus sizes, for ``longctx retro info``."""
         size = sum(self.manifest["files"][name]["bytes"] for name in FILES)
