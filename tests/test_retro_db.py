@@ -324,3 +324,87 @@ def test_generation_with_a_database_retriever(db):
         full = model(seq, neighbours=nb)
     for i, logits in enumerate(gen.logits):
         torch.testing.assert_close(logits[0], full[0, len(prompt) - 1 + i], atol=1e-10, rtol=0)
+
+
+def test_retrofit_trains_only_retrieval_and_keeps_the_base(db, corpus, tmp_path):
+    from longctx.nn.retro import is_retrieval_weight
+    from longctx.train.config import RunConfig
+    from longctx.train.loop import Trainer
+
+    plain = retro_run_config(corpus, db.path).to_dict()
+    plain["model"]["retro"] = {}
+    plain["data"]["retro_db"] = ""
+    base = Trainer(RunConfig.from_dict(plain), tmp_path / "base", progress=False)
+    base.train_step()
+    base.save()
+    fit = Trainer(retro_run_config(corpus, db.path, base=str(tmp_path / "base")),
+                  tmp_path / "fit", progress=False)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in fit.model.named_parameters()}
+    for _ in range(2):
+        fit.train_step()
+    changed = 0
+    for name, p in fit.model.named_parameters():
+        if is_retrieval_weight(name):
+            changed += not torch.equal(p, before[name])
+        else:  # the base: frozen, no gradient, bit-identical
+            assert p.grad is None and not p.requires_grad, name
+            assert torch.equal(p, before[name]) and torch.equal(p, base.model.state_dict()[name])
+    assert changed > 0
+    x = fit.source.batch(0)[0]
+    with torch.no_grad():  # retrieval off: exactly the base model
+        assert torch.equal(fit.model(x), base.model(x))
+    other = retro_run_config(corpus, db.path, base=str(tmp_path / "base")).to_dict()
+    other["model"]["d_model"] = 64
+    with pytest.raises(ValueError, match="another decoder"):
+        Trainer(RunConfig.from_dict(other), tmp_path / "bad", progress=False)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_oracle_and_half_neighbours():
+    from longctx.evaluate.retro import only, oracle_neighbours
+
+    w = torch.arange(1, 2 * M + 4)[None]  # (1, 2m + 3): chunks 0 and 1, a partial chunk 2
+    nb = oracle_neighbours(w, M, 2)
+    assert nb.shape == (1, 2, 2, 2 * M)
+    assert torch.equal(nb[0, 0, 0], w[0, : 2 * M])  # [chunk 0, the true chunk 1]
+    assert torch.equal(nb[0, 1, 0, :M], w[0, M : 2 * M])
+    assert torch.equal(nb[0, 1, 0, M : M + 3], w[0, 2 * M :])  # the window ends: PAD after
+    assert (nb[0, 1, 0, M + 3 :] == PAD).all() and (nb[:, :, 1] == PAD).all()
+    n_only, f_only = only(nb, "N"), only(nb, "F")
+    assert torch.equal(n_only[..., :M], nb[..., :M]) and (n_only[..., M:] == PAD).all()
+    assert torch.equal(f_only[..., M:], nb[..., M:]) and (f_only[..., :M] == PAD).all()
+
+
+def test_retro_evaluation_accounts_every_chunk(db, corpus, tmp_path):
+    from longctx.data.corpus import DataConfig, load_corpus
+    from longctx.evaluate.retro import ALPHAS, chunk_bits, evaluate_retro, write_retro_results
+    from longctx.model import DecoderLM, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2,
+                      retro={"layers": [1], "chunk": M, "neighbours": 2})  # fmt: skip
+    model = DecoderLM(cfg).double()
+    plain = DecoderLM(ModelConfig(d_model=32, n_layers=2, n_heads=2)).double()
+    val = load_corpus(DataConfig(source=str(corpus))).val
+    res = evaluate_retro(model, db, val, 4 * M, windows=3, baseline=plain, batch=2)
+    assert res["chunks"] == res["windows"] * 4
+    curve = res["leakage"]
+    assert [row["alpha"] for row in curve] == list(ALPHAS)
+    shares = [row["share"] for row in curve]
+    assert shares == sorted(shares) and shares[-1] == 1.0
+    assert curve[-1]["bpb"] == pytest.approx(res["bpb"]["retrieval"])
+    assert curve[-1]["baseline_bpb"] == pytest.approx(res["bpb"]["baseline"])
+    # the chunks' bits add up to the bits of predicting the window's input tokens 1..N-1
+    # (token 0 is not predicted; token N, the last target, starts a chunk not evaluated)
+    from longctx.data.corpus import eval_windows
+
+    w = torch.stack(eval_windows(val, 4 * M, 3))
+    with torch.no_grad():
+        nll = plain.nll_per_position(w)[:, :-1].sum() / math.log(2)
+    torch.testing.assert_close(chunk_bits(plain, w, None, M).sum(), nll)
+    predicted = len(w) * (4 * M - 1)
+    assert res["bpb"]["baseline"] == pytest.approx(float(nll) / predicted)
+    js, png = write_retro_results(res, tmp_path / "eval", "test")
+    assert json.loads(js.read_text())["chunks"] == res["chunks"] and png.exists()

@@ -177,6 +177,8 @@ def _eval(args) -> int:
     from ._util import parse_numbers
     from .evaluate import evaluate_run
 
+    if args.task == "retro":
+        return _eval_retro(args)
     if args.task != "bpb":
         lengths = parse_numbers(args.lengths, int, "--lengths")
         depths = parse_numbers(args.depths, float, "--depths")
@@ -192,6 +194,42 @@ def _eval(args) -> int:
         memory=_memory_options(args),
     )
     _print_eval(res)
+    return 0
+
+
+def _eval_retro(args) -> int:
+    from .data import load_corpus
+    from .evaluate.retro import evaluate_retro, write_retro_results
+    from .model import latest_checkpoint, load_model
+    from .retro import RetroDB
+    from .train.config import RunConfig
+
+    run_dir = Path(args.run_dir)
+    model, state = load_model(latest_checkpoint(run_dir / "checkpoints"))
+    cfg = RunConfig.from_dict(state["config"])
+    if not cfg.model.retro.enabled or not cfg.data.retro_db:
+        raise ValueError(f"{run_dir} is not a RETRO run (model.retro.layers, data.retro_db)")
+    baseline = None
+    if args.baseline:
+        baseline, _ = load_model(latest_checkpoint(Path(args.baseline) / "checkpoints"))
+        baseline.eval()
+    db = RetroDB.open(cfg.data.retro_db)
+    corpus = load_corpus(cfg.data)
+    res = evaluate_retro(
+        model, db, corpus.val, cfg.train.context, windows=args.windows, k=args.retro_k,
+        baseline=baseline,
+    )  # fmt: skip
+    js, png = write_retro_results(res, run_dir / "eval", f"RETRO leakage: {run_dir.name}")
+    print(f"\nRETRO evaluation of {run_dir} ({res['chunks']} chunks of {res['chunk']} tokens):")
+    for name, value in res["bpb"].items():
+        print(f"  {name:>10}: {value:.3f} bits/byte")
+    print(f"  oracle on chunks >= 2: {res['oracle_bpb_chunks_from_2']:.3f} bits/byte")
+    for row in res["leakage"]:
+        base = row.get("baseline_bpb")
+        extra = "" if base is None else f", baseline {base:.3f}"
+        value = "-" if row["bpb"] is None else f"{row['bpb']:.3f}"
+        print(f"  r(C) <= {row['alpha']:<5}: {row['share']:6.1%} of chunks, {value}{extra}")
+    print(f"  results: {js}\n  plot: {png}")
     return 0
 
 
@@ -624,11 +662,14 @@ def _eval_parser(sub) -> None:
         help="comma-separated context lengths (default: 1x, 2x, 4x the training context)",
     )
     p.add_argument("--windows", type=int, default=64, help="validation windows per context")
+    p.add_argument("--baseline", help="retro: a run without retrieval, on the same chunks")
+    p.add_argument("--retro-k", type=int, help="retro: neighbours per chunk (default: the model's)")
     p.add_argument(
         "--task",
-        choices=["bpb", "passkey", "kv-retrieval"],
+        choices=["bpb", "passkey", "kv-retrieval", "retro"],
         default="bpb",
-        help="bpb (default), or a retrieval task swept over --lengths x --depths",
+        help="bpb (default), a retrieval task swept over --lengths x --depths, or retro "
+        "(a RETRO run: with/without retrieval, N or F only, leakage curve, oracle)",
     )
     p.add_argument("--lengths", default="1024,4096,16384", help="retrieval: context lengths")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="retrieval: needle depths")

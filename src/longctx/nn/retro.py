@@ -36,13 +36,16 @@ class RetroConfig:
     empty: no retrieval; the paper: every 3rd from the 6th), the chunk size ``chunk``
     (m), the neighbours per chunk in training ``neighbours`` (k), and the encoder's
     ``encoder_layers`` of width ``encoder_dim`` (0: the decoder's; a narrower encoder
-    costs less: it reads k r tokens per m decoder tokens)."""
+    costs less: it reads k r tokens per m decoder tokens). ``base``: RETROfit, a trained
+    run (or checkpoint) of the same decoder whose weights are loaded and frozen, so that
+    only the encoder and the cross-attention train."""
 
     layers: list[int] = dataclasses.field(default_factory=list)
     chunk: int = 64
     neighbours: int = 2
     encoder_layers: int = 2
     encoder_dim: int = 0
+    base: str = ""
 
     def __post_init__(self):
         if not isinstance(self.layers, list) or any(
@@ -84,6 +87,12 @@ class RetroConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def is_retrieval_weight(name: str) -> bool:
+    """Whether a DecoderLM parameter name belongs to RETRO's retrieval layers (the
+    encoder, a block's chunked cross-attention and its norm)."""
+    return name.startswith("retro_encoder.") or ".cca." in name or ".cca_norm." in name
 
 
 def _heads(x: Tensor, n_heads: int) -> Tensor:

@@ -134,7 +134,12 @@ class Trainer:
                 "build-db and set data.retro_db"
             )
         torch.manual_seed(tc.seed)
-        self.model = DecoderLM(cfg.model).to(self.device)  # initialised on the CPU: any device
+        self.model = DecoderLM(cfg.model)  # initialised on the CPU: any device
+        if cfg.model.retro.base:  # RETROfit: a trained decoder, frozen; retrieval trains
+            from ..retro.fit import retrofit
+
+            retrofit(self.model, cfg.model.retro.base)
+        self.model.to(self.device)
         self.model.set_activation_checkpointing(tc.activation_checkpointing, tc.token_chunk)
         self.par.prepare(self.model)
         self.opt = build_optimizer(self.model, tc)

@@ -1,0 +1,165 @@
+"""RETRO evaluation (Borgeaud et al., sections 2.6 and 4): bits per byte of validation
+chunks with retrieval, without, with only the neighbours' chunks N or only their
+continuations F, the leakage curve, and the oracle probe.
+
+Validation windows of the training context are cut into chunks of m tokens; a chunk's
+bits are those of predicting its tokens (the window's first token is never predicted,
+and its last target, which starts a chunk of its own, is not evaluated).
+Each window's chunks retrieve their neighbours from the run's database (validation text
+is not in it). The leakage curve: for each evaluated chunk C, r(C) = the longest run of
+tokens it shares with its 10 nearest database chunks [N, F], over m; bpb(alpha) is the
+bits over the bytes of the chunks with r(C) <= alpha, with each bin's share of chunks,
+for the model and (``baseline``) a model without retrieval on the same chunks. The
+oracle probe gives each chunk the true next chunk as its neighbour's continuation: a
+model that reads its neighbours at the right offset then nearly copies (chunks >= 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._util import atomic_write_json, pyplot, save_figure
+from ..data.corpus import eval_windows
+from ..data.tokenizer import PAD
+from ..model import DecoderLM
+from ..retro import RetroDB, chunk_overlap
+
+ALPHAS = (0.125, 0.25, 0.5, 0.75, 1.0)
+OVERLAP_NEIGHBOURS = 10  # the paper's r(C) uses the 10 nearest chunks
+
+
+def oracle_neighbours(windows: Tensor, m: int, k: int) -> Tensor:
+    """(B, l, k, 2m): for each chunk u of windows (B, N + 1), one neighbour [chunk u, the
+    true next chunk] (PAD past the window's end), the other k - 1 absent."""
+    B, n1 = windows.shape
+    chunks = (n1 - 1) // m
+    padded = torch.full((B, (chunks + 1) * m), PAD, dtype=torch.long)
+    padded[:, : min(n1, padded.shape[1])] = windows[:, : padded.shape[1]]
+    out = torch.full((B, chunks, k, 2 * m), PAD, dtype=torch.long)
+    for u in range(chunks):
+        out[:, u, 0] = padded[:, u * m : (u + 2) * m]
+    return out
+
+
+def only(neighbours: Tensor, part: str) -> Tensor:
+    """Neighbours (..., 2m) with the other half absent: ``part`` "N" keeps the chunk,
+    "F" keeps the continuation."""
+    m = neighbours.shape[-1] // 2
+    out = neighbours.clone()
+    if part == "N":
+        out[..., m:] = PAD
+    else:
+        out[..., :m] = PAD
+    return out
+
+
+def chunk_bits(model: DecoderLM, windows: Tensor, neighbours: Tensor | None, m: int) -> Tensor:
+    """Bits (B, l) of predicting each chunk's tokens (chunk u: tokens um..um+m-1 of the
+    window; the first token of chunk 0 is not predicted)."""
+    with torch.no_grad():
+        x, y = windows[:, :-1], windows[:, 1:]
+        logits = model(x, neighbours=neighbours)
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), y, reduction="none"
+        ).double()  # (B, N): predicts token t + 1
+    B, N = nll.shape
+    chunks = N // m
+    padded = torch.cat([nll.new_zeros(B, 1), nll], dim=1)[:, : chunks * m]  # token j's NLL
+    return padded.view(B, chunks, m).sum(-1) / math.log(2)
+
+
+def evaluate_retro(
+    model: DecoderLM,
+    db: RetroDB,
+    val: np.ndarray,
+    context: int,
+    *,
+    windows: int = 64,
+    k: int | None = None,
+    baseline: DecoderLM | None = None,
+    batch: int = 8,
+) -> dict:
+    """The figures of the module docstring for ``model`` (a RETRO model) on validation
+    tokens ``val``, windows of ``context``; ``k`` neighbours (default the model's)."""
+    m = model.cfg.retro.chunk
+    db.check_compatible(chunk=m)
+    k = k or model.cfg.retro.neighbours
+    model.eval()
+    rows = torch.stack(eval_windows(val, context, windows))  # (W, N + 1)
+    parts: dict[str, list[Tensor]] = {
+        name: [] for name in ("retrieval", "off", "N only", "F only", "oracle", "baseline")
+    }
+    overlaps, sizes = [], []
+    for a in range(0, len(rows), batch):
+        w = rows[a : a + batch]
+        B = len(w)
+        chunks = (w.shape[1] - 1) // m
+        x_chunks = w[:, : chunks * m].reshape(B * chunks, m)
+        nb = db.retrieve(x_chunks, k).view(B, chunks, k, 2 * m)
+        parts["retrieval"].append(chunk_bits(model, w, nb, m))
+        parts["off"].append(chunk_bits(model, w, None, m))
+        parts["N only"].append(chunk_bits(model, w, only(nb, "N"), m))
+        parts["F only"].append(chunk_bits(model, w, only(nb, "F"), m))
+        parts["oracle"].append(chunk_bits(model, w, oracle_neighbours(w, m, k), m))
+        if baseline is not None:
+            parts["baseline"].append(chunk_bits(baseline, w, None, m))
+        near = db.retrieve(x_chunks, OVERLAP_NEIGHBOURS)  # the chunk's own neighbours
+        overlaps.append(chunk_overlap(x_chunks, near).view(B, chunks))
+        size = torch.full((B, chunks), float(m))
+        size[:, 0] = m - 1  # the window's first token is not predicted
+        sizes.append(size.double())
+    bits = {name: torch.cat(v) for name, v in parts.items() if v}  # (W, l)
+    r = torch.cat(overlaps)
+    size = torch.cat(sizes)
+
+    def bpb(name: str, keep: Tensor) -> float | None:
+        return float(bits[name][keep].sum() / size[keep].sum()) if keep.any() else None
+
+    every = torch.ones_like(r, dtype=torch.bool)
+    later = every.clone()
+    later[:, :2] = False  # chunks >= 2
+    result = {
+        "chunks": int(r.numel()),
+        "chunk": m,
+        "neighbours": k,
+        "windows": len(rows),
+        "context": context,
+        "bpb": {name: bpb(name, every) for name in bits},
+        "oracle_bpb_chunks_from_2": bpb("oracle", later),
+        "leakage": [],
+    }
+    for alpha in ALPHAS:
+        keep = r <= alpha + 1e-12
+        row = {"alpha": alpha, "share": float(keep.double().mean()), "bpb": bpb("retrieval", keep)}
+        if "baseline" in bits:
+            row["baseline_bpb"] = bpb("baseline", keep)
+        result["leakage"].append(row)
+    return result
+
+
+def write_retro_results(result: dict, out_dir, title: str):
+    """eval/retro.json and a PNG of the leakage curves; returns (json path, png path)."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js = atomic_write_json(out / "retro.json", result)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    alphas = [row["alpha"] for row in result["leakage"]]
+    for key, label in (("bpb", "RETRO"), ("baseline_bpb", "baseline")):
+        values = [row.get(key) for row in result["leakage"]]
+        if any(v is not None for v in values):
+            ax.plot(alphas, [math.nan if v is None else v for v in values], "o-", label=label)
+    ax.set_xlabel("max chunk overlap r(C) (alpha)")
+    ax.set_ylabel("bits per byte of chunks with r(C) <= alpha")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = save_figure(fig, out / "retro_leakage.png")
+    return js, png
