@@ -99,7 +99,9 @@ def evaluate_retro(
         B = len(w)
         chunks = (w.shape[1] - 1) // m
         x_chunks = w[:, : chunks * m].reshape(B * chunks, m)
-        nb = db.retrieve(x_chunks, k).view(B, chunks, k, 2 * m)
+        # one search serves the model's k neighbours and r(C)'s 10 nearest (best first)
+        near = db.sequence_neighbours(w[:, :-1], max(k, OVERLAP_NEIGHBOURS))
+        nb = near[:, :, :k]
         parts["retrieval"].append(chunk_bits(model, w, nb, m))
         parts["off"].append(chunk_bits(model, w, None, m))
         parts["N only"].append(chunk_bits(model, w, only(nb, "N"), m))
@@ -107,8 +109,8 @@ def evaluate_retro(
         parts["oracle"].append(chunk_bits(model, w, oracle_neighbours(w, m, k), m))
         if baseline is not None:
             parts["baseline"].append(chunk_bits(baseline, w, None, m))
-        near = db.retrieve(x_chunks, OVERLAP_NEIGHBOURS)  # the chunk's own neighbours
-        overlaps.append(chunk_overlap(x_chunks, near).view(B, chunks))
+        own = near[:, :, :OVERLAP_NEIGHBOURS].reshape(B * chunks, OVERLAP_NEIGHBOURS, 2 * m)
+        overlaps.append(chunk_overlap(x_chunks, own).view(B, chunks))
         size = torch.full((B, chunks), float(m))
         size[:, 0] = m - 1  # the window's first token is not predicted
         sizes.append(size.double())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..model.hf import ConversionError, _rope_base
+from ..model.hf import ConversionError, rope_base_of
 from ..nn.memory import Memory, MemoryAttention, local_attention
 from ..nn.patterns import make_pattern
 from ..nn.rotary import apply_rotary
@@ -75,7 +75,7 @@ def add_memory(
     pattern.check_model(cfg.hidden_size, H, cfg.num_hidden_layers)
     if positions != "absolute":
         try:
-            _rope_base(cfg.to_dict())
+            rope_base_of(cfg.to_dict())
         except ConversionError as exc:
             raise ValueError(
                 f"memory positions {positions!r} undo the model's rotary positions, which "
@@ -98,21 +98,9 @@ def _reader(module, pattern: Memory, heads: int, head_dim: int) -> MemoryAttenti
     """The module's memory reader for ``pattern`` (made again when the pattern changed)."""
     reader = getattr(module, READER, None)
     if reader is None or reader.pattern != pattern or reader.n_heads != heads:
-        rope = 10000.0 if pattern.positions == "absolute" else _rope_base(module.config.to_dict())
-        reader = MemoryAttention(
-            heads * head_dim,
-            heads,
-            retrieval=pattern.retrieval,
-            topk=pattern.topk,
-            positions=pattern.positions,
-            rope_base=rope,
-            faiss_index=pattern.faiss_index,
-            nprobe=pattern.nprobe,
-            window=pattern.window,
-            capacity=pattern.capacity,
-            separator=-1,
-            projections=False,
-        )
+        absolute = pattern.positions == "absolute"
+        rope = 10000.0 if absolute else rope_base_of(module.config.to_dict())
+        reader = pattern.memory_layer(heads * head_dim, heads, rope_base=rope, projections=False)
         reader.pattern = pattern
         object.__setattr__(module, READER, reader)  # not a submodule: no parameters
     return reader

@@ -161,7 +161,9 @@ def _read_checkpoint(source) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return config, weights
 
 
-def _rope_base(config: dict[str, Any]) -> float:
+def rope_base_of(config: dict[str, Any]) -> float:
+    """The rotary base of a Llama-style config.json (ConversionError for scaled rotary
+    positions, which longctx does not compute)."""
     rope = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling")
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -207,7 +209,7 @@ def model_config_from_hf(config: dict[str, Any], attention=None) -> ModelConfig:
             n_layers=config["num_hidden_layers"],
             n_heads=H,
             ffn_hidden=config["intermediate_size"],
-            rope_base=_rope_base(config),
+            rope_base=rope_base_of(config),
             norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             init_std=float(config.get("initializer_range", 0.02)),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
@@ -295,4 +297,5 @@ __all__ = [
     "llama_config",
     "llama_state_dict",
     "model_config_from_hf",
+    "rope_base_of",
 ]

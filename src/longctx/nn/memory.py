@@ -558,6 +558,13 @@ class Memory(Pattern):
     def build(self, dim: int, n_heads: int, layer: int, *, rope_base: float) -> nn.Module:
         if layer not in self.layers:
             return super().build(dim, n_heads, layer, rope_base=rope_base)
+        return self.memory_layer(dim, n_heads, rope_base=rope_base)
+
+    def memory_layer(
+        self, dim: int, n_heads: int, *, rope_base: float, projections: bool = True
+    ) -> MemoryAttention:
+        """A :class:`MemoryAttention` with this pattern's settings (``projections``
+        False: a reader for another model's projections, as :mod:`longctx.hf` uses)."""
         return MemoryAttention(
             dim,
             n_heads,
@@ -570,6 +577,7 @@ class Memory(Pattern):
             window=self.window,
             capacity=self.capacity,
             separator=self.separator,
+            projections=projections,
         )
 
     # the layers without memory: causal attention within each window

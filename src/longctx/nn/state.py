@@ -147,7 +147,6 @@ class DilatedKVCache(LayerState):
         (prefill); keep what later queries can see."""
         self.check_start(start)
         B, _, n, _ = k.shape
-        every = torch.ones(B, n, dtype=torch.bool, device=k.device)
         if n == 1:
             self._push_at(k[:, :, 0], v[:, :, 0], start)
         else:
@@ -157,7 +156,8 @@ class DilatedKVCache(LayerState):
                     "a chunk of several positions must start a segment of every branch; "
                     f"{start} is not a multiple of {bad[0]}"
                 )
-            self.fill(k, v, torch.arange(start, start + n, device=k.device).expand(B, n), every)
+            pos = torch.arange(start, start + n, device=k.device).expand(B, n)
+            self.fill(k, v, pos, torch.ones(B, n, dtype=torch.bool, device=k.device))
         self.length = start + n
 
     def _push_at(self, k: Tensor, v: Tensor, t: int) -> None:

@@ -413,6 +413,23 @@ class RetroDB:
         _, ids = self.search(keys, k, exclude_docs=docs, exclude_ids=exclude_ids, index=index)
         return self.neighbours(ids)
 
+    def sequence_neighbours(
+        self,
+        x: Tensor,
+        k: int,
+        *,
+        exclude_docs: Tensor | None = None,
+        index: str = "exact",
+    ) -> Tensor:
+        """The k neighbours [N, F] (B, l, k, 2m) of the l complete chunks of sequences
+        x (B, N) (chunks aligned to the sequences' starts); ``exclude_docs`` (B * l,):
+        a document excluded per chunk (see :meth:`search`)."""
+        m = self.chunk
+        B, chunks = x.shape[0], x.shape[1] // m
+        queries = x[:, : chunks * m].reshape(B * chunks, m)
+        ids = self.search(self.embed(queries), k, exclude_docs=exclude_docs, index=index)[1]
+        return self.neighbours(ids.view(B, chunks, k))
+
     def retriever(self, k: int, *, index: str = "exact"):
         """A RETRO model's retriever for decoding and generation (``generate(...,
         retriever=db.retriever(k))``): chunk ids (B, m) -> neighbours [N, F] (B, k, 2m)."""

@@ -40,15 +40,11 @@ class RetroSource:
         """Neighbours (B, l, k, 2m) of the complete chunks of sequences x (B, N) that start
         at ``starts`` in the training split (None: not training text, nothing excluded)."""
         m = self.db.chunk
-        B, N = x.shape
-        chunks = N // m
-        queries = x[:, : chunks * m].reshape(B * chunks, m)
         docs = None
         if starts is not None:
-            nxt = starts[:, None] + (np.arange(chunks) + 1) * m  # the next chunk's start
+            nxt = starts[:, None] + (np.arange(x.shape[1] // m) + 1) * m  # next chunks' starts
             docs = torch.from_numpy(np.searchsorted(self.ends, nxt.reshape(-1), "left"))
-        _, ids = self.db.search(self.db.embed(queries), self.k, exclude_docs=docs, index=self.index)
-        return self.db.neighbours(ids.view(B, chunks, self.k))
+        return self.db.sequence_neighbours(x, self.k, exclude_docs=docs, index=self.index)
 
 
 def retro_source(source, cfg) -> RetroSource:
