@@ -73,3 +73,17 @@ def cuda_available():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def write_word_corpus(root, files, low, high, seed=0):
+    """A directory of ``files`` small text files of ``low``..``high`` random words each
+    (documents of varied lengths, ending with their own name); returns it."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    root.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota"]
+    for i in range(files):
+        text = " ".join(rng.choice(words, int(rng.integers(low, high)))) + f" doc{i}\n"
+        (root / f"f{i:02d}.txt").write_text(text)
+    return root

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_word_corpus
 from longctx.data.tokenizer import EOD, PAD
 from longctx.retro import (
     DatabaseError,
@@ -25,15 +26,7 @@ M = 8
 @pytest.fixture
 def corpus(tmp_path):
     """A directory of small text files (documents of varied lengths)."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "corpus"
-    root.mkdir()
-    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota"]
-    for i in range(30):
-        n = int(rng.integers(3, 60))
-        text = " ".join(rng.choice(words, n)) + f" doc{i}\n"
-        (root / f"f{i:02d}.txt").write_text(text)
-    return root
+    return write_word_corpus(tmp_path / "corpus", 30, 3, 60)
 
 
 @pytest.fixture

@@ -179,6 +179,8 @@ def _eval(args) -> int:
 
     if args.task == "retro":
         return _eval_retro(args)
+    if args.task == "longmem":
+        return _eval_longmem(args)
     if args.task != "bpb":
         lengths = parse_numbers(args.lengths, int, "--lengths")
         depths = parse_numbers(args.depths, float, "--depths")
@@ -194,6 +196,46 @@ def _eval(args) -> int:
         memory=_memory_options(args),
     )
     _print_eval(res)
+    return 0
+
+
+def _eval_longmem(args) -> int:
+    from ._util import resolve_device
+    from .data import load_corpus, task_source
+    from .evaluate.longmem import evaluate_longmem, write_longmem_results
+    from .model import latest_checkpoint, load_model
+    from .train.config import RunConfig
+
+    run_dir = Path(args.run_dir)
+    model, state = load_model(
+        latest_checkpoint(run_dir / "checkpoints"), resolve_device(args.device)
+    )
+    cfg = RunConfig.from_dict(state["config"])
+    if task_source(cfg.data.source) is not None:
+        raise ValueError(
+            f"{run_dir} trained on {cfg.data.source}; --task longmem reads long documents of "
+            "a text corpus (evaluate a task run with --task kv-retrieval)"
+        )
+    baseline = None
+    if args.baseline:
+        baseline, _ = load_model(
+            latest_checkpoint(Path(args.baseline) / "checkpoints"), resolve_device(args.device)
+        )
+    corpus = load_corpus(cfg.data)
+    res = evaluate_longmem(
+        model, corpus.val, segments=args.segments, windows=args.windows, baseline=baseline
+    )
+    js, png = write_longmem_results(res, run_dir / "eval", f"LongMem: {run_dir.name}")
+    print(
+        f"\nLongMem evaluation of {run_dir} ({res['documents']} documents, "
+        f"{res['segments']} segments of {res['segment']} tokens):"
+    )
+    for name, curve in res["bpb_by_segment"].items():
+        cells = " ".join(f"{v:.3f}" for v in curve)
+        print(f"  {name:>9}: {cells}  (segments >= 2: {res['bpb_segments_from_2'][name]:.3f})")
+    if res["gate"] is not None:
+        print(f"  gate (memory share per head): {', '.join(f'{g:.2f}' for g in res['gate'])}")
+    print(f"  results: {js}\n  plot: {png}")
     return 0
 
 
@@ -271,6 +313,9 @@ def _retrieval(
         model, task, lengths, depths, trials, seed=seed, memory_capacity=capacity
     )
     result["checkpoint"] = str(ckpt)
+    if model.side is not None:  # LongMem: how the bank was read
+        lm = model.cfg.longmem
+        result["longmem"] = {k: getattr(lm, k) for k in ("topk", "chunk", "capacity", "retrieval")}
     js, png = write_results(result, run_dir / "eval", f"{task}: {run_dir.name}")
     print(f"\n{task} exact match ({trials} trials per cell, 95% Wilson interval):")
     for length, r in result["by_length"].items():
@@ -306,6 +351,8 @@ def _memory_options(args) -> dict:
         out["capacity"] = args.memory_capacity
     if args.memory_retrieval is not None:
         out["retrieval"] = args.memory_retrieval
+    if args.memory_topk is not None:
+        out["topk"] = args.memory_topk
     if args.memory_index is not None:
         out["faiss_index"] = args.memory_index
     if args.memory_nprobe is not None:
@@ -662,14 +709,23 @@ def _eval_parser(sub) -> None:
         help="comma-separated context lengths (default: 1x, 2x, 4x the training context)",
     )
     p.add_argument("--windows", type=int, default=64, help="validation windows per context")
-    p.add_argument("--baseline", help="retro: a run without retrieval, on the same chunks")
+    p.add_argument(
+        "--baseline",
+        help="retro: a run without retrieval, on the same chunks; longmem: a control run "
+        "(e.g. the SideNet with memory off)",
+    )
+    p.add_argument(
+        "--segments", type=int, default=8, help="longmem: segments per validation document"
+    )
     p.add_argument("--retro-k", type=int, help="retro: neighbours per chunk (default: the model's)")
     p.add_argument(
         "--task",
-        choices=["bpb", "passkey", "kv-retrieval", "retro"],
+        choices=["bpb", "passkey", "kv-retrieval", "retro", "longmem"],
         default="bpb",
-        help="bpb (default), a retrieval task swept over --lengths x --depths, or retro "
-        "(a RETRO run: with/without retrieval, N or F only, leakage curve, oracle)",
+        help="bpb (default), a retrieval task swept over --lengths x --depths, retro "
+        "(a RETRO run: with/without retrieval, N or F only, leakage curve, oracle) or "
+        "longmem (a LongMem run: bits per byte by segment against its backbone and "
+        "--baseline)",
     )
     p.add_argument("--lengths", default="1024,4096,16384", help="retrieval: context lengths")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="retrieval: needle depths")
@@ -728,10 +784,12 @@ def _capacity(text: str):
 
 
 def _memory_arguments(p, fit: str) -> None:
-    """Runtime memory options of a memory (Focused Transformer) model."""
+    """Runtime memory options of a memory (Focused Transformer) or LongMem model."""
     from .nn.retrieval import FAISS_INDEXES, RETRIEVALS
 
-    g = p.add_argument_group("memory models (memory is not a parameter: set at run time)")
+    g = p.add_argument_group(
+        "memory and LongMem models (memory is not a parameter: set at run time)"
+    )
     g.add_argument(
         "--memory-capacity",
         type=_capacity,
@@ -742,6 +800,12 @@ def _memory_arguments(p, fit: str) -> None:
         choices=RETRIEVALS,
         help="dense, topk (exact) or faiss (an index kept as memory is written; default: "
         "the training value)",
+    )
+    g.add_argument(
+        "--memory-topk",
+        type=int,
+        help="entries (LongMem: token pairs) each query reads with topk or faiss retrieval "
+        "(default: the training value)",
     )
     g.add_argument(
         "--memory-index",

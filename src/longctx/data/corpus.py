@@ -37,6 +37,11 @@ class DataConfig:
     # "local" questions ask about a record in the last task_window tokens; the others
     # about an earlier one (what a memory model must read from memory: its window)
     task_window: int = 256
+    # sources whose rows continue their documents from step to step (LongMem training):
+    # a task's documents have task_document tokens; a corpus leaves out documents shorter
+    # than min_document tokens (0: none)
+    task_document: int = 2048
+    min_document: int = 0
 
     def __post_init__(self):
         if not 0 < self.val_percent < 100:
@@ -46,6 +51,10 @@ class DataConfig:
         for name in ("task_questions", "task_local", "task_near"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("task_document", "min_document"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"data.{name} must be an integer >= 0, got {value!r}")
         if isinstance(self.task_window, bool) or self.task_window < 1:
             raise ValueError(f"data.task_window must be >= 1, got {self.task_window}")
         if self.task_targets not in TARGETS:

@@ -79,15 +79,7 @@ def training_source(
     task = task_source(cfg.source)
     if task is None:
         return CorpusSource(corpus or load_corpus(cfg), batch, context, seed, eval_windows)
-    data = TaskData(
-        task,
-        cfg.task_window,
-        question_fraction=cfg.task_questions,
-        local_fraction=cfg.task_local,
-        targets=cfg.task_targets,
-        near_fraction=cfg.task_near,
-    )
-    return TaskSource(data, batch, context, seed, eval_windows)
+    return TaskSource(TaskData.from_config(task, cfg), batch, context, seed, eval_windows)
 
 
 __all__ = ["Batch", "CorpusSource", "TaskSource", "TrainingSource", "training_source"]

@@ -214,12 +214,26 @@ class TaskData:
             near_fraction=near_fraction,
         )
 
+    @classmethod
+    def from_config(cls, task: str, cfg) -> TaskData:
+        """The source of ``task`` with the ``data.task_*`` keys of ``cfg`` (a DataConfig)."""
+        return cls(
+            task,
+            cfg.task_window,
+            question_fraction=cfg.task_questions,
+            local_fraction=cfg.task_local,
+            targets=cfg.task_targets,
+            near_fraction=cfg.task_near,
+        )
+
+    def example(self, length: int, rng: random.Random) -> tuple[list[int], list[int]]:
+        """One sequence of ``length`` (inputs, targets) drawn with ``rng``."""
+        return kv_training_example(length, self.window, rng, **self.options)
+
     def batch(self, batch: int, context: int, seed: int, index: int, split: str = "train"):
         """(inputs, targets) (batch, context) int64; targets -100 where there is no loss."""
         rng = random.Random(f"{split}-{seed}-{index}")
-        rows = [
-            kv_training_example(context, self.window, rng, **self.options) for _ in range(batch)
-        ]
+        rows = [self.example(context, rng) for _ in range(batch)]
         x = torch.tensor([r[0] for r in rows], dtype=torch.int64)
         y = torch.tensor([r[1] for r in rows], dtype=torch.int64)
         return x, y

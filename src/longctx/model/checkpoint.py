@@ -169,3 +169,41 @@ def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[De
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path}: weights do not fit its config: {exc}") from None
     return model.to(map_location), state
+
+
+def run_checkpoint(path: str | Path, key: str) -> Path:
+    """The checkpoint directory a config key (``key``, named in errors) points to: a run
+    directory (its newest checkpoint) or a checkpoint directory."""
+    where = Path(path).expanduser()
+    if (where / "checkpoints").is_dir():
+        where = latest_checkpoint(where / "checkpoints")
+    if not (where / "state.json").is_file():
+        raise ValueError(
+            f"{key} {path} is not a run or checkpoint directory (a run directory of longctx "
+            "train, or one of its checkpoints)"
+        )
+    return where
+
+
+def load_frozen_base(model: DecoderLM, path: str | Path, key: str, own) -> list[str]:
+    """Load a trained run's (or checkpoint's) weights into ``model``, which is the same
+    decoder plus weights of its own (``own(name)`` is true for those), and freeze the
+    loaded ones. Every ``[model]`` key but the one named by ``key``'s table must agree.
+    Returns the names of the weights left to train. ValueError naming ``key`` otherwise."""
+    ckpt = run_checkpoint(path, key)
+    frozen, _ = load_model(ckpt)
+    table = key.split(".")[1]  # model.<table>.<key>
+    ours = {k: v for k, v in model.cfg.to_dict().items() if k != table}
+    theirs = {k: v for k, v in frozen.cfg.to_dict().items() if k != table}
+    if ours != theirs:
+        diff = sorted(k for k in ours if ours[k] != theirs.get(k))[0]
+        raise ValueError(
+            f"{key} {ckpt} is another decoder (model.{diff} differs: {theirs.get(diff)!r} "
+            f"there, {ours[diff]!r} here)"
+        )
+    missing, unexpected = model.load_state_dict(frozen.state_dict(), strict=False)
+    if unexpected or any(not own(name) for name in missing):
+        raise ValueError(f"{key} {ckpt} does not fit this model's weights")
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(own(name)))
+    return [name for name, p in model.named_parameters() if p.requires_grad]

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..config import from_dict, to_dict
 from ..nn.feedforward import FeedForwardKind, SwiGLUFFN, make_ffn
+from ..nn.longmem import LongMemConfig
 from ..nn.patterns import Dense, Pattern, make_pattern
 from ..nn.retro import RetroConfig
 
@@ -156,6 +157,8 @@ class ModelConfig:
     ffn: FeedForwardKind = field(default_factory=SwiGLUFFN)
     # RETRO: chunked cross-attention layers reading retrieved neighbours (off by default)
     retro: RetroConfig = field(default_factory=RetroConfig)
+    # LongMem: a frozen backbone (these keys), a SideNet and a memory bank (off by default)
+    longmem: LongMemConfig = field(default_factory=LongMemConfig)
 
     def __init__(self, **kwargs):
         kwargs, renamed = translate_legacy(kwargs)
@@ -214,6 +217,9 @@ class ModelConfig:
         if isinstance(self.retro, dict):
             self.retro = from_dict(RetroConfig, self.retro, "model.retro")
         self.retro.check_model(self.n_layers, self.d_model, self.n_heads)
+        if isinstance(self.longmem, dict):
+            self.longmem = from_dict(LongMemConfig, self.longmem, "model.longmem")
+        self.longmem.check_model(self.n_layers, self.attention.kind, self.retro.enabled)
 
     def __getattr__(self, name: str):
         """Reading a flat key of longctx 0.1 (``cfg.segment_lengths``, ...) still works,

@@ -51,6 +51,11 @@ def llama_config(cfg: ModelConfig) -> dict[str, Any]:
         raise ConversionError(
             "the n-gram input embedding (model.ngram > 1) has no Llama equivalent"
         )
+    if cfg.longmem.enabled:
+        raise ConversionError(
+            "a LongMem model (SideNet and memory bank) has no Llama equivalent; its backbone "
+            "run (model.longmem.backbone) can be exported"
+        )
     if cfg.ffn.kind != "swiglu":
         raise ConversionError(f"the {cfg.ffn.kind!r} feed-forward has no Llama equivalent")
     out = {

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..nn import MemoryAttention, MultiHeadAttention, NgramEmbedding, RMSNorm, Router
 from ..nn.chunking import token_chunks
+from ..nn.longmem import SideNet
 from ..nn.retro import ChunkedCrossAttention, NeighbourEncoder, RetroContext
 from ..nn.state import ModelState, RetroState
 from .config import ModelConfig
@@ -136,10 +137,35 @@ class DecoderLM(nn.Module):
         self.lm_head = (
             None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         )
-        # layers that keep a state even in a plain forward (memory)
-        self.needs_state = any(getattr(b.attn, "needs_state", False) for b in self.blocks)
+        # LongMem: this model's own layers are the frozen backbone; the SideNet trains
+        self.side = (
+            SideNet(cfg, lambda layer: DecoderBlock(cfg, layer)) if cfg.longmem.enabled else None
+        )
+        # layers that keep a state even in a plain forward (memory, LongMem's bank)
+        self.needs_state = self.side is not None or any(
+            getattr(b.attn, "needs_state", False) for b in self.blocks
+        )
         self.token_chunk = 0  # see set_activation_checkpointing
         self.reset_parameters()
+        if self.side is not None:
+            self.side.init_from(self)
+            for module in self.backbone_modules():
+                module.requires_grad_(False)
+                module.eval()
+
+    def backbone_modules(self) -> list[nn.Module]:
+        """A LongMem model's frozen parts: the embedding(s), the backbone blocks, its final
+        norm and output head (the whole model otherwise)."""
+        parts = [self.embed, self.ngram, self.blocks, self.norm, self.lm_head]
+        return [m for m in parts if m is not None]
+
+    def train(self, mode: bool = True) -> DecoderLM:
+        """Training mode, except a LongMem model's frozen backbone (always evaluation)."""
+        super().train(mode)
+        if self.side is not None:
+            for module in self.backbone_modules():
+                module.eval()
+        return self
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights; residual-branch outputs scaled down with depth
@@ -191,7 +217,8 @@ class DecoderLM(nn.Module):
         the output embedding (tied, or ``lm_head``); float32 (float64 for a float64
         model)."""
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(self.norm(x), w)
+        norm = self.norm if self.side is None else self.side.norm
+        logits = F.linear(norm(x), w)
         return logits if logits.dtype == torch.float64 else logits.float()
 
     def hidden_states(
@@ -217,6 +244,10 @@ class DecoderLM(nn.Module):
         if state is not None:
             if positions is not None:
                 raise ValueError("explicit positions cannot be combined with a state")
+            if (state.longmem is None) != (self.side is None):
+                raise ValueError(
+                    "the state was made by another model (LongMem states and others differ)"
+                )
             if len(state.layers) != len(self.blocks):
                 raise ValueError(
                     f"need one state per layer ({len(self.blocks)}), got {len(state.layers)}"
@@ -227,6 +258,10 @@ class DecoderLM(nn.Module):
                 )
             start = state.length
         start = start or 0
+        if self.side is not None:  # LongMem: the backbone and SideNet, segment by segment
+            x = self.side(self, tokens, state.longmem)
+            state.length = start + N
+            return x
         history = None if state is None else state.history
         self._check_ngram(start, positions, history)
         x = self.embed_tokens(tokens, history)  # (B, N, C)
@@ -326,7 +361,8 @@ class DecoderLM(nn.Module):
             )
         if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk < 0:
             raise ValueError(f"token_chunk must be an integer >= 0 (0: off), got {token_chunk!r}")
-        for block in self.blocks:
+        side = [] if self.side is None else list(self.side.blocks)
+        for block in [*self.blocks, *side]:
             block.recompute = mode == "layer"
             block.token_chunk = token_chunk
             if isinstance(block.attn, MultiHeadAttention):
@@ -357,6 +393,11 @@ class DecoderLM(nn.Module):
         completes, else nothing."""
         w = self.embed.weight
         dtype, device = dtype or w.dtype, device or w.device
+        if self.side is not None:  # LongMem: its bank and segment caches
+            if crossbatch is not None or neighbours is not None or retriever is not None:
+                raise ValueError("a LongMem model takes no crossbatch, neighbours or retriever")
+            longmem = self.side.new_state(self, batch, dtype, device)
+            return ModelState([None] * len(self.blocks), None, None, longmem)
         policy, options = (
             (cache, {}) if crossbatch is None else ("crossbatch", {"negatives": crossbatch})
         )
@@ -389,8 +430,19 @@ class DecoderLM(nn.Module):
     def configure_memory(self, **settings) -> None:
         """Change how every memory layer keeps and reads its memory, for states made
         after this call: the keywords of :meth:`MemoryAttention.configure` (capacity,
-        retrieval, faiss_index, nprobe, recall_every, exact_below); no weight changes.
-        A model without memory layers raises ValueError."""
+        retrieval, topk, faiss_index, nprobe, recall_every, exact_below); no weight
+        changes. A LongMem model takes capacity (tokens), topk, retrieval (dense: every
+        chunk, topk: exact selection, faiss), faiss_index and nprobe for its bank. A
+        model without memory raises ValueError."""
+        if self.side is not None:  # LongMem: its bank (retrieval named as memory layers do)
+            keys = dict(settings)
+            retrieval = keys.pop("retrieval", None)
+            if retrieval == "dense":  # every chunk: exact attention over the bank
+                keys["topk"] = 0
+            elif retrieval is not None:
+                keys["retrieval"] = "exact" if retrieval == "topk" else retrieval
+            self.cfg.longmem = self.side.configure(**keys)
+            return
         layers = self.memory_layers()
         if not layers:
             raise ValueError(

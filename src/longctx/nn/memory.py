@@ -49,6 +49,7 @@ from .retrieval import (
     FaissIndex,
     attend_selected,
     require_faiss,
+    store_index,
     torch_topk,
 )
 from .rotary import apply_rotary
@@ -202,6 +203,7 @@ class MemoryAttention(nn.Module):
         *,
         capacity: int | None = None,
         retrieval: str | None = None,
+        topk: int | None = None,
         faiss_index: str | None = None,
         nprobe: int | None = None,
         recall_every: int | None = None,
@@ -209,6 +211,7 @@ class MemoryAttention(nn.Module):
     ) -> None:
         """Change how memory is kept and read (no weight changes; memories made after
         this use it): ``capacity`` entries per row, ``retrieval`` dense/topk/faiss,
+        ``topk`` entries each query reads (topk and faiss retrieval),
         ``faiss_index`` ivf/flat, ``nprobe`` lists an ivf query scans (0: automatic),
         ``recall_every``: count an index's recall against exact top-k on every n-th
         query (0: off), ``exact_below``: an ivf row is searched exactly until it holds
@@ -223,6 +226,10 @@ class MemoryAttention(nn.Module):
             if retrieval == "faiss":
                 require_faiss()
             self.retrieval = retrieval
+        if topk is not None:
+            if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+                raise ValueError(f"memory topk must be an integer >= 1, got {topk!r}")
+            self.topk = topk
         if faiss_index is not None:
             if faiss_index not in FAISS_INDEXES:
                 raise ValueError(f"faiss index must be one of {FAISS_INDEXES}, got {faiss_index!r}")
@@ -254,21 +261,9 @@ class MemoryAttention(nn.Module):
         what the store holds) if the store has none yet."""
         if self.retrieval != "faiss":
             return None
-        if store.index is None:
-            store.index = FaissIndex(
-                store.batch,
-                kind=self.faiss_index,
-                nprobe=self.nprobe,
-                exact_below=self.exact_below,
-                recall_every=self.recall_every,
-            )
-            for row in range(store.batch):
-                store.index.build(store, row)
-        index = store.index
-        if index.nprobe != self.nprobe:  # the layer was configured since
-            index.set_nprobe(self.nprobe)
-        index.recall_every = self.recall_every
-        return index
+        return store_index(
+            store, self.faiss_index, self.nprobe, self.exact_below, self.recall_every
+        )
 
     def new_state(
         self,

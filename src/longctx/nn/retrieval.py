@@ -248,22 +248,61 @@ class FaissIndex:
         return out
 
 
+def store_index(
+    store, kind: str, nprobe: int = 0, exact_below: int = EXACT_BELOW, recall_every: int = 0
+) -> FaissIndex:
+    """The :class:`FaissIndex` kept in step with ``store`` (a MemoryStore): attached and
+    built over what the store holds if it has none yet; its probes and recall sampling
+    set to the given ones."""
+    if store.index is None:
+        store.index = FaissIndex(
+            store.batch,
+            kind=kind,
+            nprobe=nprobe,
+            exact_below=exact_below,
+            recall_every=recall_every,
+        )
+        for row in range(store.batch):
+            store.index.build(store, row)
+    index = store.index
+    if index.nprobe != nprobe:  # the layer was configured since
+        index.set_nprobe(nprobe)
+    index.recall_every = recall_every
+    return index
+
+
 def attend_selected(q: Tensor, keys: Tensor, vals: Tensor, idx: Tensor, scale: float):
     """Attention of each query (B, H, n, D) over its own selected memory slots idx
     (B, H, n, k) (-1 = none): (out, lse), differentiable in q, keys and vals."""
+    ks, vs = gather_slots(idx, keys, vals)  # (B, H, n, k, D) each
+    return attend_gathered(q, ks, vs, idx < 0, scale)
+
+
+def gather_slots(idx: Tensor, *buffers: Tensor) -> list[Tensor]:
+    """Each buffer (B, H, C, ...) (or (1, H, C, ...), read by every row) at the slots
+    idx (B, H, n, k) (-1 reads slot 0; mask it): (B, H, n, k, ...) each."""
     B, H, n, k = idx.shape
-    D, Dv = keys.shape[-1], vals.shape[-1]
-    C = keys.shape[2]
-    base = torch.arange(B * H, device=idx.device).view(B, H, 1, 1) * C
-    flat = (idx.clamp_min(0) + base).reshape(-1)  # rows of keys viewed as (B * H * C, D)
-    ks = keys.reshape(-1, D).index_select(0, flat).view(B, H, n, k, D)
-    vs = vals.reshape(-1, Dv).index_select(0, flat).view(B, H, n, k, Dv)
+    out = []
+    for buf in buffers:
+        Bb, C, rest = buf.shape[0], buf.shape[2], buf.shape[3:]
+        rows = (torch.arange(B, device=idx.device).view(B, 1) % Bb) * H
+        rows = rows + torch.arange(H, device=idx.device).view(1, H)  # (B, H) rows of buf
+        flat = (idx.clamp_min(0) + (rows * C).view(B, H, 1, 1)).reshape(-1)
+        picked = buf.reshape(Bb * H * C, *rest).index_select(0, flat)
+        out.append(picked.view(B, H, n, k, *rest))
+    return out
+
+
+def attend_gathered(q: Tensor, ks: Tensor, vs: Tensor, invalid: Tensor, scale: float):
+    """Attention of each query q (B, H, n, D) over its own keys ks (B, H, n, k, D) and
+    values vs (B, H, n, k, Dv); ``invalid`` (B, H, n, k) hides some. (out, lse); a query
+    with nothing visible gets out 0 and lse -inf."""
     scores = torch.einsum("bhnd,bhnkd->bhnk", q, ks) * scale
-    scores = scores.masked_fill(idx < 0, float("-inf"))
-    empty = (idx < 0).all(dim=-1, keepdim=True)
+    scores = scores.masked_fill(invalid, float("-inf"))
+    empty = invalid.all(dim=-1, keepdim=True)
     scores_safe = torch.where(empty, torch.zeros_like(scores), scores)
     lse = torch.logsumexp(scores_safe, dim=-1)  # (B, H, n)
-    p = torch.exp(scores_safe - lse.unsqueeze(-1)).masked_fill(idx < 0, 0.0)
+    p = torch.exp(scores_safe - lse.unsqueeze(-1)).masked_fill(invalid, 0.0)
     out = torch.einsum("bhnk,bhnkd->bhnd", p, vs)
     lse = lse.masked_fill(empty.squeeze(-1), float("-inf"))
     return out, lse
@@ -274,10 +313,13 @@ __all__ = [
     "RETRIEVALS",
     "EXACT_BELOW",
     "FaissIndex",
+    "attend_gathered",
     "attend_selected",
+    "gather_slots",
     "ivf_lists",
     "ivf_probes",
     "recall_at_k",
     "require_faiss",
+    "store_index",
     "torch_topk",
 ]

@@ -343,12 +343,23 @@ class RecurrentState(LayerState):
 class MemoryStore:
     """Per-batch-row first-in-first-out memory of one layer's (key, value) pairs.
 
-    Buffers (B, H, C, D) for keys and values, the absolute position of each entry
+    Buffers (B, H, C, D) for keys and (B, H, C, value_dim) for values (``value_dim``
+    defaults to D; LongMem's chunk bank packs a chunk's token keys and values into one
+    value), the absolute position of each entry
     (B, C), its write order (B, C) and which slots hold an entry (B, C). Each row is a
     ring buffer: once full, a new entry replaces the oldest. Rows never see each other's
     entries. The order of slots is irrelevant to attention (a softmax over a set)."""
 
-    def __init__(self, batch: int, heads: int, head_dim: int, capacity: int, dtype, device):
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype,
+        device,
+        value_dim: int | None = None,
+    ):
         if capacity < 1:
             raise ValueError(f"memory capacity must be >= 1, got {capacity}")
         self.capacity = capacity
@@ -356,7 +367,8 @@ class MemoryStore:
         # larger than what is ever written costs only what is written
         slots = min(capacity, self.FIRST_SLOTS)
         self.k = torch.zeros(batch, heads, slots, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        dv = head_dim if value_dim is None else value_dim
+        self.v = torch.zeros(batch, heads, slots, dv, dtype=dtype, device=device)
         self.pos = torch.zeros(batch, slots, dtype=torch.long, device=device)
         self.age = torch.zeros(batch, slots, dtype=torch.long, device=device)  # write order
         self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
@@ -490,7 +502,7 @@ class MemoryStore:
         B, H, C, D = data["k"].shape
         if "capacity" in data:  # absent in files written before the buffers could grow
             C = int(data["capacity"])
-        store = cls(B, H, D, C, data["k"].dtype, device)
+        store = cls(B, H, D, C, data["k"].dtype, device, data["v"].shape[-1])
         store.k, store.v = data["k"], data["v"]
         store.pos, store.age, store.valid = data["pos"], data["age"], data["valid"]
         store.written = [int(x) for x in data["written"]]
@@ -560,6 +572,167 @@ class CrossbatchState(LayerState):
         return [] if self.previous is None else list(self.previous)
 
 
+# ---------------------------------------------------------------- LongMem
+
+
+class ChunkBank:
+    """LongMem's cache memory bank (Wang et al. 2023, arXiv 2306.07174): per batch row,
+    the last ``capacity`` tokens' (key, value) pairs of one backbone layer, in chunks of
+    ``chunk`` tokens, first in first out.
+
+    A :class:`MemoryStore` of chunks (capacity / chunk slots per row): the key of a chunk
+    is the mean of its tokens' keys, its value packs the tokens' keys and values,
+    (2, chunk, D) flattened. Tokens that do not yet fill a chunk wait in the row's tail
+    and join the next tokens written to that row (a cleared row drops its tail)."""
+
+    def __init__(
+        self, batch: int, heads: int, head_dim: int, capacity: int, chunk: int, dtype, device
+    ):
+        if chunk < 1 or capacity < chunk or capacity % chunk:
+            raise ValueError(
+                f"the bank's capacity ({capacity} tokens) must be a positive multiple of its "
+                f"chunk size ({chunk})"
+            )
+        self.chunk, self.heads, self.head_dim = chunk, heads, head_dim
+        self.store = MemoryStore(
+            batch, heads, head_dim, capacity // chunk, dtype, device, 2 * chunk * head_dim
+        )
+        empty = torch.zeros(heads, 0, head_dim, dtype=dtype, device=device)
+        self.tails = [(empty, empty, torch.zeros(0, dtype=torch.long, device=device))] * batch
+
+    @property
+    def batch(self) -> int:
+        """Batch rows."""
+        return self.store.batch
+
+    @property
+    def capacity(self) -> int:
+        """Tokens a row holds at most (not counting its tail)."""
+        return self.store.capacity * self.chunk
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the store and the tails."""
+        return self.store.nbytes + sum(t.nbytes for tail in self.tails for t in tail)
+
+    def add(self, k: Tensor, v: Tensor, positions: Tensor, keep: Tensor | None = None) -> None:
+        """Append tokens' keys and values (B, H, n, D) at ``positions`` (n,) or (B, n);
+        ``keep`` (B, n) bool selects which of each row's tokens (default all). Every
+        completed chunk goes into the store; the rest stays in the row's tail."""
+        B, H, n, D = k.shape
+        if (self.batch, self.heads, self.head_dim) != (B, H, D):
+            raise ValueError(
+                f"the bank holds (B, H, D) = {(self.batch, self.heads, self.head_dim)}, got "
+                f"keys {tuple(k.shape)}"
+            )
+        m = self.chunk
+        pos = positions.expand(B, n) if positions.dim() == 1 else positions
+        rows = []  # per row: chunk keys (H, c, D), packed values (H, c, 2 m D), positions (c,)
+        for b in range(B):
+            sel = slice(None) if keep is None else keep[b]
+            tk, tv, tp = self.tails[b]
+            rk = torch.cat([tk, k[b][:, sel].to(tk.dtype)], dim=1)  # (H, t, D)
+            rv = torch.cat([tv, v[b][:, sel].to(tv.dtype)], dim=1)
+            rp = torch.cat([tp, pos[b][sel]])
+            c = rk.shape[1] // m
+            self.tails[b] = (rk[:, c * m :], rv[:, c * m :], rp[c * m :])
+            ck = rk[:, : c * m].reshape(H, c, m, D)  # (H, c, m, D)
+            cv = rv[:, : c * m].reshape(H, c, m, D)
+            packed = torch.stack([ck, cv], dim=2).reshape(H, c, 2 * m * D)  # (H, c, 2 m D)
+            rows.append((ck.mean(dim=2), packed, rp[: c * m : m]))
+        most = max(r[0].shape[1] for r in rows)
+        if most == 0:
+            return
+        keys = k.new_zeros(B, H, most, D, dtype=self.store.k.dtype)
+        vals = k.new_zeros(B, H, most, 2 * m * D, dtype=self.store.v.dtype)
+        where = torch.zeros(B, most, dtype=torch.long, device=k.device)
+        written = torch.zeros(B, most, dtype=torch.bool, device=k.device)
+        for b, (ck, packed, cp) in enumerate(rows):
+            c = ck.shape[1]
+            keys[b, :, :c], vals[b, :, :c], where[b, :c], written[b, :c] = ck, packed, cp, True
+        self.store.add(keys, vals, where, written)
+
+    def clear(self, rows=None) -> None:
+        """Forget everything in the given rows (default all), their tails included."""
+        rows = range(self.batch) if rows is None else [int(r) for r in rows]
+        for b in rows:
+            tk, tv, tp = self.tails[b]
+            self.tails[b] = (tk[:, :0], tv[:, :0], tp[:0])
+        self.store.clear(list(rows))
+
+    def unpack(self, packed: Tensor) -> tuple[Tensor, Tensor]:
+        """Packed chunk values (..., 2 m D) -> the chunks' token keys and values
+        (..., m, D) each."""
+        both = packed.unflatten(-1, (2, self.chunk, self.head_dim))  # (..., 2, m, D)
+        return both[..., 0, :, :], both[..., 1, :, :]
+
+    def tokens(self, row: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(keys (H, t, D), values (H, t, D), positions (t,)) of the tokens a row's chunks
+        hold, oldest first (the tail not included)."""
+        _, packed, pos = self.store.entries(row)  # (H, c, 2 m D), (c,)
+        k, v = self.unpack(packed)  # (H, c, m, D) each
+        H, D, m = self.heads, self.head_dim, self.chunk
+        tok_pos = (pos[:, None] + torch.arange(m, device=pos.device)).flatten()
+        return k.reshape(H, -1, D), v.reshape(H, -1, D), tok_pos
+
+
+class LongMemState(LayerState):
+    """What a LongMem model carries between calls: the bank, and the segment in
+    progress: the backbone's and the SideNet's per-segment key/value caches (used when a
+    segment arrives in pieces; reset at each segment start), the cached layer's keys and
+    values and the token ids of the segment so far (they go into the bank when it
+    completes), the n-gram history of the backbone's embedding (restarted with each
+    segment: the backbone reads only its own window)."""
+
+    def __init__(
+        self,
+        bank: ChunkBank,
+        segment: int,
+        separator: int,
+        backbone: list[KVCache],
+        side: list[KVCache],
+        history: Tensor | None,
+    ):
+        B, H, D = bank.batch, bank.heads, bank.head_dim
+        dtype, device = bank.store.k.dtype, bank.store.k.device
+        self.bank = bank
+        self.segment = segment
+        self.separator = separator
+        self.backbone, self.side = backbone, side
+        self.history = history
+        self.k = torch.zeros(B, H, segment, D, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.tokens = torch.zeros(B, segment, dtype=torch.long, device=device)
+        self.held = 0  # positions of the current segment so far
+        self.length = 0
+
+    def tensors(self) -> list[Tensor]:
+        caches = [t for c in (*self.backbone, *self.side) for t in c.tensors()]
+        return [self.k, self.v, *caches]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the bank, the caches and the segment buffers."""
+        return self.bank.nbytes + super().nbytes
+
+    def start_segment(self) -> None:
+        """Forget the previous segment's caches and n-gram history."""
+        self.held = 0
+        for cache in (*self.backbone, *self.side):
+            cache.reset()
+        if self.history is not None:
+            self.history.fill_(-1)
+
+    def append(self, k: Tensor, v: Tensor, tokens: Tensor) -> None:
+        """Add the cached layer's keys and values (B, H, n, D) and the token ids (B, n)
+        of the next positions of the segment."""
+        a, b = self.held, self.held + k.shape[2]
+        if b > self.segment:
+            raise ValueError(f"a segment holds {self.segment} positions; got {b}")
+        self.k[:, :, a:b], self.v[:, :, a:b], self.tokens[:, a:b] = k, v, tokens
+        self.held = b
+
+
 # ---------------------------------------------------------------- the model's state
 
 
@@ -627,24 +800,27 @@ class RetroState(LayerState):
 class ModelState:
     """What a model carries between calls: one state per layer (None for layers that
     keep nothing), the n-gram embedding's token history (B, n - 1) (None when the model
-    has none), a RETRO model's :class:`RetroState` (None otherwise), and the position
-    the next input starts at. ``nbytes`` counts the layer and retrieval states."""
+    has none), a RETRO model's :class:`RetroState` and a LongMem model's
+    :class:`LongMemState` (None otherwise), and the position the next input starts at.
+    ``nbytes`` counts the layer, retrieval and LongMem states."""
 
     def __init__(
         self,
         layers: list[LayerState | None],
         history: Tensor | None = None,
         retro: RetroState | None = None,
+        longmem: LongMemState | None = None,
     ):
         self.layers = layers
         self.history = history
         self.retro = retro
+        self.longmem = longmem
         self.length = 0
 
     @property
     def nbytes(self) -> int:
         """Bytes of every layer's state (and the retrieval state)."""
-        held = [*self.layers, self.retro]
+        held = [*self.layers, self.retro, self.longmem]
         return sum(s.nbytes for s in held if s is not None)
 
     def observe(self, tokens: Tensor, start: int) -> None:
@@ -655,10 +831,12 @@ class ModelState:
 
 
 __all__ = [
+    "ChunkBank",
     "CrossbatchState",
     "DilatedKVCache",
     "KVCache",
     "LayerState",
+    "LongMemState",
     "MemoryState",
     "MemoryStore",
     "ModelState",

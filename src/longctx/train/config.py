@@ -182,13 +182,21 @@ class RunConfig:
 def resolve_config(
     preset: str | None = None, config_file: Path | None = None, overrides: list[str] = ()
 ) -> RunConfig:
-    """Preset (default 'tiny', unless a config file is given), then the file, then --set."""
+    """Preset (default 'tiny', unless a config file is given), then the file, then --set.
+    With ``model.longmem.backbone`` set, ``[model]`` is the backbone's (and the
+    ``[model.longmem]`` keys)."""
     data: dict = {}
     if preset is not None or config_file is None:
         data = copy.deepcopy(load_preset(preset or DEFAULT_PRESET))
     if config_file is not None:
         _deep_update(data, load_toml(config_file))
     apply_overrides(data, list(overrides))
+    model = data.get("model")
+    longmem = model.get("longmem") if isinstance(model, dict) else None
+    if isinstance(longmem, dict) and longmem.get("backbone"):  # the backbone's [model]
+        from ..model.longmem import adopt_backbone
+
+        data["model"] = adopt_backbone(model)
     return RunConfig.from_dict(data)
 
 

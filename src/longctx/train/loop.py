@@ -30,7 +30,7 @@ from .._util import (
     resolve_device,
 )
 from ..config import apply_overrides
-from ..data import Corpus, training_source
+from ..data import Corpus, stream_source, training_source
 from ..model import DecoderLM
 from ..model.checkpoint import (
     CheckpointError,
@@ -40,6 +40,8 @@ from ..model.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from ..model.longmem import load_backbone
+from ..nn.state import ModelState
 from .config import RunConfig
 from .optim import build_optimizer, load_optimizer, lr_at, optimizer_tensors
 from .parallel import Parallel, SingleProcess
@@ -47,6 +49,7 @@ from .parallel import Parallel, SingleProcess
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
+LONGMEM_VAL_SEGMENTS = 4  # a LongMem run validates on sequences of this many segments
 
 
 @dataclass
@@ -116,14 +119,27 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.par = parallel or SingleProcess()
         self.device = resolve_device(device)
-        self.source = training_source(
-            cfg.data,
-            batch=tc.batch_size,
-            context=tc.context,
-            seed=tc.seed,
-            eval_windows=tc.eval_windows,
-            corpus=corpus,
-        )
+        longmem = cfg.model.longmem
+        if longmem.enabled:  # rows continue their documents from step to step
+            self._check_longmem(cfg)
+            self.source = stream_source(
+                cfg.data,
+                batch=tc.batch_size,
+                context=tc.context,
+                seed=tc.seed,
+                eval_windows=tc.eval_windows,
+                val_length=max(tc.context, LONGMEM_VAL_SEGMENTS * longmem.segment),
+                corpus=corpus,
+            )
+        else:
+            self.source = training_source(
+                cfg.data,
+                batch=tc.batch_size,
+                context=tc.context,
+                seed=tc.seed,
+                eval_windows=tc.eval_windows,
+                corpus=corpus,
+            )
         if cfg.data.retro_db:  # RETRO: every batch carries its sequences' neighbours
             from ..retro.source import retro_source
 
@@ -139,6 +155,9 @@ class Trainer:
             from ..retro.fit import retrofit
 
             retrofit(self.model, cfg.model.retro.base)
+        if longmem.enabled:  # the backbone, frozen; the SideNet starts from it
+            load_backbone(self.model, longmem.backbone)
+        self.streams: dict[int, ModelState] = {}  # LongMem: each micro-batch's rows
         self.model.to(self.device)
         self.model.set_activation_checkpointing(tc.activation_checkpointing, tc.token_chunk)
         self.par.prepare(self.model)
@@ -151,6 +170,23 @@ class Trainer:
         bf16 = tc.bf16 if tc.bf16 is not None else self.device.type == "cuda"
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None
         self.autocast = autocast or contextlib.nullcontext()
+
+    def _check_longmem(self, cfg: RunConfig) -> None:
+        """ValueError unless a LongMem run can train as configured."""
+        lm, tc = cfg.model.longmem, cfg.train
+        if not lm.backbone:
+            raise ValueError(
+                "a LongMem model trains on a frozen backbone: set model.longmem.backbone to a "
+                "trained run directory"
+            )
+        if not isinstance(self.par, SingleProcess):
+            raise ValueError("LongMem training runs in one process (its banks are per row)")
+        if tc.context % lm.segment:
+            raise ValueError(
+                f"train.context ({tc.context}) must be a multiple of model.longmem.segment "
+                f"({lm.segment}): a step holds whole segments (the next step's rows continue "
+                "them through the bank)"
+            )
 
     # ------------------------------------------------------------------ parts
 
@@ -191,6 +227,10 @@ class Trainer:
             state = None  # crossbatch: memory layers also read other rows' last windows
             if negatives is not None:
                 state = self.model.new_state(len(x), crossbatch=negatives)
+            if self.model.side is not None:  # LongMem: the rows' banks, kept across steps
+                state = self.streams.get(micro)
+                if state is None:
+                    state = self.streams[micro] = self.model.new_state(len(x))
             with self.autocast:  # every term of the objective, in one function
                 terms = self.model.loss_terms(
                     x, y, state=state, positions=positions, normalizer=normalizer, neighbours=nb
