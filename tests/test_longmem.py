@@ -507,3 +507,20 @@ def test_configure_memory_changes_how_the_bank_is_read():
         model.configure_memory(recall_every=3)
     with pytest.raises(ValueError, match="multiple of model.longmem.chunk"):
         model.configure_memory(topk=3)
+
+
+def test_document_spans_and_long_documents():
+    from longctx.data.stream import document_spans, long_documents
+    from longctx.evaluate.longmem import document_windows
+
+    stream = np.array([1, 2, EOD, 3, 4, 5, 6, EOD, 7, 8, 9], dtype=np.uint16)
+    assert document_spans(stream) == [(0, 3), (3, 8), (8, 11)]  # the last has no EOD
+    assert long_documents(stream, 4).tolist() == [3, 4, 5, 6, EOD]
+    assert long_documents(stream, 3).tolist() == stream.tolist()
+    assert long_documents(stream, 1) is stream
+    with pytest.raises(ValueError, match="no document"):
+        long_documents(stream, 6)
+    assert document_windows(stream, 4, 5).tolist() == [[3, 4, 5, 6]]
+    assert document_windows(stream, 2, 5).tolist() == [[1, 2], [3, 4], [7, 8]]
+    with pytest.raises(ValueError, match="no validation document"):
+        document_windows(stream, 5, 5)

@@ -28,14 +28,21 @@ from .tasks import TaskData, task_source
 from .tokenizer import EOD
 
 
+def document_spans(tokens: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each document of an EOD-separated stream, its EOD included (a
+    last document without one counts too)."""
+    ends = (np.flatnonzero(tokens == EOD) + 1).tolist()
+    if not ends or ends[-1] < len(tokens):
+        ends.append(len(tokens))
+    return list(zip([0, *ends[:-1]], ends))
+
+
 def long_documents(tokens: np.ndarray, min_length: int) -> np.ndarray:
     """The documents of an EOD-separated stream with at least ``min_length`` tokens (EOD
     included), in order (the whole stream when ``min_length`` <= 1)."""
     if min_length <= 1:
         return tokens
-    ends = np.flatnonzero(tokens == EOD) + 1
-    starts = np.concatenate([[0], ends[:-1]])
-    keep = [tokens[a:b] for a, b in zip(starts, ends) if b - a >= min_length]
+    keep = [tokens[a:b] for a, b in document_spans(tokens) if b - a >= min_length]
     if not keep:
         raise ValueError(f"no document of the corpus has {min_length} tokens or more")
     return np.concatenate(keep)
@@ -70,7 +77,7 @@ class CorpusStream(TrainingSource):
         shift = random.Random(f"stream-{seed}").randrange(part)
         self.starts = [j * part + shift for j in range(batch)]
         self.period = part - context - 1  # a stream starts again after this many tokens
-        val = long_documents(corpus.val, min_document) if min_document else corpus.val
+        val = long_documents(corpus.val, min_document)
         windows = eval_windows(val, val_length or context, eval_windows_)
         self.val_batches = [
             (w[:, :-1], w[:, 1:])
@@ -180,4 +187,4 @@ def stream_source(
     )
 
 
-__all__ = ["CorpusStream", "TaskStream", "long_documents", "stream_source"]
+__all__ = ["CorpusStream", "TaskStream", "document_spans", "long_documents", "stream_source"]

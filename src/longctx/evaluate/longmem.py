@@ -19,20 +19,18 @@ import torch
 from torch import Tensor
 
 from .._util import atomic_write_json, nats_to_bits, pyplot, save_figure
-from ..data.stream import long_documents
-from ..data.tokenizer import EOD
+from ..data.stream import document_spans
 from ..model import DecoderLM, ModelConfig
 
 
 def document_windows(tokens: np.ndarray, length: int, max_windows: int) -> Tensor:
     """(W, length) int64: the first ``length`` tokens of each EOD-separated document of
     at least ``length`` tokens, at most ``max_windows`` documents spread evenly."""
-    docs = long_documents(tokens, length + 1)  # + 1: its EOD
-    starts = np.concatenate([[0], np.flatnonzero(docs == EOD)[:-1] + 1])
-    if not len(docs) or not len(starts):
+    starts = [a for a, b in document_spans(tokens) if b - a >= length + 1]  # + 1: its EOD
+    if not starts:
         raise ValueError(f"no validation document has {length} tokens")
     pick = np.linspace(0, len(starts) - 1, num=min(len(starts), max_windows)).round()
-    rows = [docs[starts[int(i)] : starts[int(i)] + length] for i in sorted(set(pick.tolist()))]
+    rows = [tokens[starts[int(i)] : starts[int(i)] + length] for i in sorted(set(pick.tolist()))]
     return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 

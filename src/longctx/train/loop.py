@@ -120,26 +120,19 @@ class Trainer:
         self.par = parallel or SingleProcess()
         self.device = resolve_device(device)
         longmem = cfg.model.longmem
+        common = dict(
+            batch=tc.batch_size,
+            context=tc.context,
+            seed=tc.seed,
+            eval_windows=tc.eval_windows,
+            corpus=corpus,
+        )
         if longmem.enabled:  # rows continue their documents from step to step
             self._check_longmem(cfg)
-            self.source = stream_source(
-                cfg.data,
-                batch=tc.batch_size,
-                context=tc.context,
-                seed=tc.seed,
-                eval_windows=tc.eval_windows,
-                val_length=max(tc.context, LONGMEM_VAL_SEGMENTS * longmem.segment),
-                corpus=corpus,
-            )
+            val_length = max(tc.context, LONGMEM_VAL_SEGMENTS * longmem.segment)
+            self.source = stream_source(cfg.data, val_length=val_length, **common)
         else:
-            self.source = training_source(
-                cfg.data,
-                batch=tc.batch_size,
-                context=tc.context,
-                seed=tc.seed,
-                eval_windows=tc.eval_windows,
-                corpus=corpus,
-            )
+            self.source = training_source(cfg.data, **common)
         if cfg.data.retro_db:  # RETRO: every batch carries its sequences' neighbours
             from ..retro.source import retro_source
 
