@@ -63,6 +63,7 @@ def test_sidenet_starts_from_the_backbone_and_gate_at_half():
             assert torch.equal(value, theirs[name]), name
     assert torch.equal(side.memory.gate, torch.full((2,), 0.5, dtype=torch.float64))
     assert torch.equal(side.norm.weight, model.norm.weight)
+    assert model.num_trainable() == sum(p.numel() for p in side.parameters())
 
 
 def test_silenced_sidenet_telescopes_to_the_backbone():
@@ -286,7 +287,7 @@ def test_generation_equals_the_full_forward_at_every_step():
         assert (logits[0] - full[0, len(prompt) - 1 + i]).abs().max() < 1e-10
 
 
-def test_ngram_backbone_history_restarts_each_segment():
+def test_ngram_backbone_history_continues_across_segments():
     torch.manual_seed(0)
     keys = {"side_layers": 1, "segment": S, "chunk": CSZ, "topk": 4}
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, ngram=3, longmem=keys)
@@ -294,8 +295,9 @@ def test_ngram_backbone_history_restarts_each_segment():
     x = tokens(n=3 * S)
     silence(model)
     plain = []
-    for a in range(0, 3 * S, S):  # the backbone on each segment as a fresh sequence
-        h = model.embed_tokens(x[:, a : a + S])
+    history = torch.full((2, 2), -1, dtype=torch.long)  # the n-gram embedding's history
+    for a in range(0, 3 * S, S):  # the backbone's attention on each segment alone
+        h = model.embed_tokens(x[:, a : a + S], history)  # the history carries on
         for block in model.blocks:
             h = block(h, torch.arange(S))
         plain.append(F.linear(model.side.norm(h), model.embed.weight))

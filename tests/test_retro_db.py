@@ -343,6 +343,8 @@ def test_retrofit_trains_only_retrieval_and_keeps_the_base(db, corpus, tmp_path)
             assert p.grad is None and not p.requires_grad, name
             assert torch.equal(p, before[name]) and torch.equal(p, base.model.state_dict()[name])
     assert changed > 0
+    retrieval = sum(p.numel() for n, p in fit.model.named_parameters() if is_retrieval_weight(n))
+    assert fit.model.num_trainable() == retrieval < fit.model.num_params()
     x = fit.source.batch(0)[0]
     with torch.no_grad():  # retrieval off: exactly the base model
         assert torch.equal(fit.model(x), base.model(x))
@@ -353,6 +355,28 @@ def test_retrofit_trains_only_retrieval_and_keeps_the_base(db, corpus, tmp_path)
 
 
 # ---------------------------------------------------------------- evaluation
+
+
+def test_bits_per_byte_of_a_retro_run_read_its_database(db, corpus, tmp_path):
+    from longctx.data.corpus import eval_windows
+    from longctx.evaluate import bits_per_position, evaluate_run, retro_neighbours
+    from longctx.train.loop import Trainer
+
+    trainer = Trainer(retro_run_config(corpus, db.path), tmp_path / "run", progress=False)
+    trainer.train_step()
+    trainer.save()
+    model = trainer.model.eval()
+    res = evaluate_run(tmp_path / "run", contexts=[32], windows=3, progress=False)
+    assert res["retrieval"] is True
+    val = trainer.source.base.corpus.val
+    wins = eval_windows(val, 32, 3)
+    with torch.no_grad():
+        want = bits_per_position(model, wins, 2, neighbours=retro_neighbours(model, db.path))
+        off = bits_per_position(model, wins, 2)
+    assert res["bpb"] == pytest.approx(float(want.mean()))
+    assert res["bpb"] != pytest.approx(float(off.mean()))  # the neighbours count
+    with pytest.raises(ValueError, match="retrieval database"):
+        retro_neighbours(model, "")
 
 
 def test_oracle_and_half_neighbours():

@@ -229,6 +229,51 @@ def test_bf16_autocast_and_minutes_limit(tmp_path, data_dir):
     assert rows[0]["loss"] > 0
 
 
+def test_minutes_count_across_resumes_and_the_time_schedule_decays_within_them(
+    tmp_path, data_dir, monkeypatch
+):
+    from longctx.train import loop
+    from longctx.train.optim import lr_at
+
+    clock = [0.0]  # a fake wall clock: each step takes 6 seconds
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+    real_step = loop.Trainer.train_step
+
+    def timed_step(self):
+        stats = real_step(self)
+        clock[0] += 6.0
+        return stats
+
+    monkeypatch.setattr(loop.Trainer, "train_step", timed_step)
+    budget = ["train.max_steps=1000", "train.max_minutes=1", "train.schedule=time"]
+    cfg = _cfg(data_dir, *budget, "train.min_lr_ratio=0.1", "train.save_every=3")
+    run = tmp_path / "run"
+    prepare_run(run, cfg, False)
+    trainer = loop.Trainer(cfg, run, progress=False)
+    for _ in range(4):  # 4 steps (24 s), a checkpoint at step 3 (18 s), then killed
+        trainer.train_step()
+        if trainer.step % 3 == 0:
+            trainer.save()
+    state = json.loads((list_checkpoints(run / "checkpoints")[-1] / "state.json").read_text())
+    assert state["step"] == 3 and state["seconds"] == 18.0
+    result = _run(cfg, run, resume=True)  # 42 s left of the minute: 7 more steps
+    assert result.stopped_by == "max_minutes" and result.step == 10
+    assert result.seconds == 60.0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r and r["step"] > 3]
+    # the cosine spans the minute: at 18 s it is at 30% of the way; at the end, the floor
+    tc = cfg.train
+    assert lrs[0] == pytest.approx(lr_at(3, tc, 18.0))
+    assert lr_at(0, tc, 60.0) == pytest.approx(tc.lr * tc.min_lr_ratio)
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]
+    again = _run(cfg, run, resume=True)  # no budget left: no step
+    assert again.stopped_by == "max_minutes" and again.step == 10
+    with pytest.raises(ValueError, match="max_minutes"):
+        _cfg(data_dir, "train.schedule=time", "train.max_minutes=0")
+    with pytest.raises(ValueError, match="train.schedule"):
+        _cfg(data_dir, "train.schedule=tokens")
+
+
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, data_dir, monkeypatch):
     from longctx.data import sources
 

@@ -12,7 +12,17 @@ import importlib
 
 __version__ = "0.2.0"
 
-_SUBPACKAGES = ("bench", "data", "distributed", "evaluate", "model", "nn", "ops", "train")
+_SUBPACKAGES = (
+    "bench",
+    "compare",
+    "data",
+    "distributed",
+    "evaluate",
+    "model",
+    "nn",
+    "ops",
+    "train",
+)
 __all__ = ["__version__", *_SUBPACKAGES]
 
 

@@ -650,6 +650,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _generate_parser(sub)
     _hf_parsers(sub)
     _retro_parsers(sub)
+    _compare_parser(sub)
     _bench_parser(sub, argv[1] if argv and len(argv) > 1 and argv[0] == "bench" else None)
     return parser
 
@@ -818,6 +819,91 @@ def _memory_arguments(p, fit: str) -> None:
         help="lists an ivf query scans (default: 3 sqrt(lists)); more is slower and closer "
         "to exact",
     )
+
+
+def _compare_parser(sub) -> None:
+    from .compare.plan import DEFAULT_PRESETS, Settings
+
+    d = Settings()
+    p = sub.add_parser(
+        "compare",
+        help="train every method on the same data and budget; one table of every figure",
+        description="Train each preset for the same wall-clock budget on the same data and "
+        "seed, measure each the same way (bits per byte at 1x and 4x the training context "
+        "and by position, kv-retrieval, training and decoding cost) and write table.md, "
+        "results.json and compare.png. Run it again in the same --out to resume: finished "
+        "presets are reused, an interrupted one continues.",
+    )
+    p.add_argument(
+        "--presets",
+        help=f"comma-separated presets (default: {','.join(DEFAULT_PRESETS)})",
+    )
+    p.add_argument(
+        "--minutes", type=float, default=d.minutes, help="training budget per preset (wall clock)"
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="the comparison's folder")
+    p.add_argument("--data", default=d.data, help="data.source of every run (default stdlib)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--windows", type=int, default=d.windows, help="validation windows per context length"
+    )
+    p.add_argument(
+        "--lengths",
+        default=",".join(str(n) for n in d.lengths),
+        help="kv-retrieval context lengths",
+    )
+    p.add_argument(
+        "--trials", type=int, default=d.trials, help="kv-retrieval trials per (length, depth)"
+    )
+    p.add_argument(
+        "--decode-context",
+        type=int,
+        default=d.decode_context,
+        help="decoding is timed after a prompt of this many tokens",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value of every preset (after the comparison's own)",
+    )
+    _device_option(p)
+    p.set_defaults(func=_compare)
+
+
+def _compare(args) -> int:
+    from ._util import parse_numbers
+    from .compare import Settings, parse_presets, run_comparison
+    from .compare.report import JSON, PNG, TABLE
+
+    settings = Settings(
+        minutes=args.minutes,
+        data=args.data,
+        seed=args.seed,
+        windows=args.windows,
+        lengths=tuple(parse_numbers(args.lengths, int, "--lengths", positive=True)),
+        trials=args.trials,
+        decode_context=args.decode_context,
+        overrides=tuple(args.set),
+    )
+    presets = parse_presets(args.presets)
+    try:
+        result = run_comparison(presets, settings, args.out, device=args.device)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: run the same command again to resume (finished presets are "
+            f"reused); partial table: {args.out / TABLE}",
+            file=sys.stderr,
+        )
+        return 130
+    print()
+    print((args.out / TABLE).read_text())
+    failed = [n for n, f in result["results"].items() if "error" in f]
+    print(f"table: {args.out / TABLE}\nresults: {args.out / JSON}\nplot: {args.out / PNG}")
+    if failed:
+        print(f"failed: {', '.join(failed)} (see the table's Failures)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _device_option(p) -> None:

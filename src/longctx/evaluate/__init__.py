@@ -18,23 +18,48 @@ from ..train import RunConfig
 
 @torch.no_grad()
 def bits_per_position(
-    model: DecoderLM, windows: list[Tensor], batch: int, progress: Progress | None = None
+    model: DecoderLM,
+    windows: list[Tensor],
+    batch: int,
+    progress: Progress | None = None,
+    neighbours=None,
 ) -> np.ndarray:
     """Mean bits per token (= per byte) at each position over equal-length windows of
     token ids (each (N + 1,)): a float64 numpy array (N,). ``progress`` counts batches.
-    The model's train/eval mode is left as it was."""
+    ``neighbours``: for a RETRO model, inputs (b, N) -> their chunks' neighbours
+    (:func:`retro_neighbours`). The model's train/eval mode is left as it was."""
     was_training = model.training
     model.eval()
     total = None
     device = next(model.parameters()).device
     for i in range(0, len(windows), batch):
-        rows = torch.stack(windows[i : i + batch]).to(device)  # (b, N + 1)
-        nll = model.nll_per_position(rows).sum(dim=0)  # (N,)
+        rows = torch.stack(windows[i : i + batch])  # (b, N + 1)
+        nb = None if neighbours is None else neighbours(rows[:, :-1]).to(device)
+        nll = model.nll_per_position(rows.to(device), nb).sum(dim=0)  # (N,)
         total = nll if total is None else total + nll
         if progress is not None:
             progress.update(1)
     model.train(was_training)
     return (total / len(windows) / LN2).cpu().numpy()
+
+
+def retro_neighbours(model: DecoderLM, retro_db: str | Path | None):
+    """For a RETRO model, the function :func:`bits_per_position` takes: the model's k
+    neighbours of each chunk from the database ``retro_db`` (its run's
+    ``data.retro_db``). None for other models. A RETRO model without a database is an
+    error (its figures without retrieval are those of ``longctx eval --task retro``)."""
+    if not model.cfg.retro.enabled:
+        return None
+    if not retro_db:
+        raise ValueError(
+            "a RETRO model is evaluated with its retrieval database: the run has no data.retro_db"
+        )
+    from ..retro import RetroDB
+
+    db = RetroDB.open(retro_db)
+    db.check_compatible(chunk=model.cfg.retro.chunk)
+    k = model.cfg.retro.neighbours
+    return lambda x: db.sequence_neighbours(x, k)
 
 
 def position_buckets(context: int, n_buckets: int) -> list[tuple[int, int]]:
@@ -90,12 +115,14 @@ def evaluate_run(
             f"--task {task}"
         )
     corpus = corpus or load_corpus(DataConfig.from_dict(cfg["data"]))
+    neighbours = retro_neighbours(model, cfg["data"].get("retro_db"))
     results: dict = {
         "run_dir": str(run_dir),
         "checkpoint": str(ckpt),
         "step": state["step"],
         "train_context": train_ctx,
         "unigram_bpb": corpus.unigram_bits_per_token(),
+        "retrieval": neighbours is not None,  # a RETRO model reads its database
         "by_context": [],
     }
     t0 = time.monotonic()
@@ -107,7 +134,7 @@ def evaluate_run(
             continue
         steps = -(-len(wins) // batch)
         with Progress(steps, f"eval ctx={ctx}", enabled=progress, leave=False) as bar:
-            per_pos = bits_per_position(model, wins, batch, bar)
+            per_pos = bits_per_position(model, wins, batch, bar, neighbours)
         entry = {
             "context": ctx,
             "windows": len(wins),
@@ -186,4 +213,4 @@ def run_info(run_dir: Path) -> dict:
     }
 
 
-__all__ = ["bits_per_position", "evaluate_run", "position_buckets", "run_info"]
+__all__ = ["bits_per_position", "evaluate_run", "position_buckets", "retro_neighbours", "run_info"]

@@ -522,10 +522,11 @@ class DecoderLM(nn.Module):
         }
 
     @torch.no_grad()
-    def nll_per_position(self, windows: Tensor) -> Tensor:
+    def nll_per_position(self, windows: Tensor, neighbours: Tensor | None = None) -> Tensor:
         """windows (B, N + 1) token ids -> NLL in nats of predicting token t + 1 from
-        tokens 0..t, for each position t: (B, N) float64."""
-        logits = self(windows[:, :-1])
+        tokens 0..t, for each position t: (B, N) float64. ``neighbours``: a RETRO
+        model's, of the inputs' chunks (see :meth:`forward`)."""
+        logits = self(windows[:, :-1], neighbours=neighbours)
         nll = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")  # (B, N)
         return nll.double()
 
@@ -540,6 +541,17 @@ class DecoderLM(nn.Module):
             n -= 0 if self.lm_head is None else self.lm_head.weight.numel()
             n -= 0 if self.ngram is None else self.ngram.tables.numel()
         return n
+
+    def num_trainable(self) -> int:
+        """Parameters its training updates: a LongMem model's SideNet, a RETROfit
+        model's retrieval layers (its base is frozen), else every parameter."""
+        if self.side is not None:
+            return sum(p.numel() for p in self.side.parameters())
+        if self.cfg.retro.base:
+            from ..nn.retro import is_retrieval_weight
+
+            return sum(p.numel() for n, p in self.named_parameters() if is_retrieval_weight(n))
+        return self.num_params()
 
     def flops_per_token(self, context: int) -> dict[str, float]:
         """Forward FLOPs per token at a context length: 2 per weight multiply-add (including

@@ -5,9 +5,11 @@ memory bank of the backbone's keys and values.
 The input is processed in segments of ``segment`` positions (the backbone's window). For
 each segment:
 
-1. the frozen backbone runs on the segment alone (positions 0..segment-1, its n-gram
-   history restarted), without autograd, keeping the input h_k of every block k and its
-   last output h_L;
+1. the frozen backbone runs on the segment alone (its attention sees positions
+   0..segment-1 of the segment only), without autograd, keeping the input h_k of every
+   block k and its last output h_L. An n-gram embedding (``model.ngram``) is part of a
+   token's input, not of attention: it reads the tokens before the segment too, so a
+   segment's first tokens embed, and their cached keys match, as in the whole stream;
 2. the SideNet, S layers with stride s = L / S, starts from h_0 (the embedding output);
    its layer i (initialised from backbone layer s(i+1) - 1) adds the cross-network
    residual h_{s(i+1)} - h_{si} to its output, so with its blocks silenced the SideNet

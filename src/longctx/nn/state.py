@@ -681,8 +681,8 @@ class LongMemState(LayerState):
     progress: the backbone's and the SideNet's per-segment key/value caches (used when a
     segment arrives in pieces; reset at each segment start), the cached layer's keys and
     values and the token ids of the segment so far (they go into the bank when it
-    completes), the n-gram history of the backbone's embedding (restarted with each
-    segment: the backbone reads only its own window)."""
+    completes), the n-gram history of the backbone's embedding (continued across
+    segments: it is part of each token's input, not of the backbone's window)."""
 
     def __init__(
         self,
@@ -716,12 +716,10 @@ class LongMemState(LayerState):
         return self.bank.nbytes + super().nbytes
 
     def start_segment(self) -> None:
-        """Forget the previous segment's caches and n-gram history."""
+        """Forget the previous segment's caches (the n-gram history carries on)."""
         self.held = 0
         for cache in (*self.backbone, *self.side):
             cache.reset()
-        if self.history is not None:
-            self.history.fill_(-1)
 
     def append(self, k: Tensor, v: Tensor, tokens: Tensor) -> None:
         """Add the cached layer's keys and values (B, H, n, D) and the token ids (B, n)

@@ -56,6 +56,9 @@ class CrossbatchConfig:
         return self.start + (self.negatives - self.start) * step // self.ramp_steps
 
 
+SCHEDULES = ("steps", "time")
+
+
 @dataclass
 class TrainConfig:
     """The ``[train]`` table: optimisation, limits, evaluation and checkpoints."""
@@ -65,9 +68,13 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 1000
     max_tokens: int = 0  # 0 = no limit
-    max_minutes: float = 0.0  # 0 = no limit (wall clock of this process)
+    # 0 = no limit; else the run's training time (wall clock), counted across resumes
+    max_minutes: float = 0.0
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # what the cosine decay spans after warmup: "steps" (max_steps) or "time"
+    # (max_minutes of training: a run with a time budget decays within it)
+    schedule: str = "steps"
     warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -121,6 +128,10 @@ class TrainConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "time" and not self.max_minutes:
+            raise ValueError("train.schedule = 'time' needs train.max_minutes > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("beta1", "beta2"):

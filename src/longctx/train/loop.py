@@ -66,6 +66,7 @@ class TrainResult:
     checkpoint: Path
     unit: str = "bits/byte"  # of val_bpb and unigram_bpb ("bits/target token" for tasks)
     baseline: str = "unigram baseline"  # what unigram_bpb is ("no-retrieval chance" for tasks)
+    seconds: float = 0.0  # training time of the run (across resumes; what max_minutes counts)
     model: DecoderLM | None = None  # the trained model (as in ``checkpoint``)
     corpus: Corpus | None = None  # the text it trained on (None for a task source)
 
@@ -156,6 +157,8 @@ class Trainer:
         self.par.prepare(self.model)
         self.opt = build_optimizer(self.model, tc)
         self.step, self.tokens = 0, 0
+        self._seconds_before = 0.0  # training time of earlier processes (resumed runs)
+        self._clock = time.monotonic()
         self.tokens_per_step = tc.batch_size * tc.context * tc.grad_accum * self.par.dp_size
         self.progress = progress and self.par.is_main
         self.metrics = self.run_dir / METRICS_FILE
@@ -197,6 +200,7 @@ class Trainer:
         if self.device.type == "cuda" and "cuda" in loaded["rng"]:  # else: another device
             torch.cuda.set_rng_state(loaded["rng"]["cuda"], self.device)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self._seconds_before = float(state.get("seconds", 0.0))  # older checkpoints: 0
         if self.par.is_main:
             _truncate_metrics(self.metrics, self.step)
             print(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens)")
@@ -205,7 +209,7 @@ class Trainer:
         """One optimisation step: ``grad_accum`` micro-batches, gradients reduced over
         processes, clipping, AdamW."""
         tc = self.cfg.train
-        lr = lr_at(self.step, tc)
+        lr = lr_at(self.step, tc, self.seconds)
         for group in self.opt.param_groups:
             group["lr"] = lr
         negatives = tc.crossbatch.at(self.step)  # memory models: crossbatch (None: off)
@@ -247,6 +251,12 @@ class Trainer:
         self.tokens += self.tokens_per_step
         return StepStats(loss, aux, lr, grad_norm, negatives)
 
+    @property
+    def seconds(self) -> float:
+        """Training time of the run so far (earlier processes included): what
+        ``max_minutes`` and the ``time`` schedule count."""
+        return self._seconds_before + time.monotonic() - self._clock
+
     def evaluate(self) -> float:
         """Validation loss in the source's unit (bits per byte, or per target token)."""
         return validation_bits(self.model, self.source.val_batches, self.par)
@@ -260,7 +270,12 @@ class Trainer:
             if self.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(self.device)
             tensors = {"model": self.model.state_dict(), "optimizer": opt_tensors, "rng": rng}
-            meta = {"tokens": self.tokens, "config": self.cfg.to_dict(), "optimizer": opt_meta}
+            meta = {
+                "tokens": self.tokens,
+                "seconds": self.seconds,
+                "config": self.cfg.to_dict(),
+                "optimizer": opt_meta,
+            }
             path = save_checkpoint(self.ckpt_root, self.step, tensors, meta)
             prune_checkpoints(self.ckpt_root, self.cfg.train.keep_checkpoints)
         self.par.barrier()
@@ -276,9 +291,13 @@ class Trainer:
         self._clock = self._window = time.monotonic()
         self._window_tokens = 0
         stopped_by, last, val, ckpt = "max_steps", None, None, None
-        bar = Progress(tc.max_steps, "train", unit="step", initial=self.step, enabled=self.progress)
+        total = None if tc.schedule == "time" else tc.max_steps  # time: steps unknown
+        bar = Progress(total, "train", unit="step", initial=self.step, enabled=self.progress)
         with _StopFlag() as stop, bar:
-            while self.step < tc.max_steps:
+            reason = self._stop_reason(stop)  # a resumed run may have no budget left
+            if reason:
+                stopped_by = reason
+            while self.step < tc.max_steps and not reason:
                 stats = self.train_step()
                 last = stats.loss
                 self._window_tokens += self.tokens_per_step
@@ -306,6 +325,7 @@ class Trainer:
             unigram_bpb=self.source.baseline,
             stopped_by=stopped_by,
             checkpoint=ckpt,
+            seconds=self.seconds,
             unit=self.source.unit,
             baseline=self.source.baseline_name,
             model=self.model,
@@ -324,7 +344,7 @@ class Trainer:
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
             "tokens_per_s": tok_s,
-            "elapsed_s": now - self._clock,
+            "elapsed_s": self.seconds,  # the run's training time (across resumes)
             "peak_mem_gib": peak_memory(self.device) / 2**30,  # this process (rank)
         }
         if stats.negatives is not None:
@@ -357,7 +377,7 @@ class Trainer:
     def _stop_reason(self, stop: _StopFlag) -> str | None:
         """Why to stop after this step (every process takes the same decision)."""
         tc = self.cfg.train
-        late = bool(tc.max_minutes) and time.monotonic() - self._clock >= 60 * tc.max_minutes
+        late = bool(tc.max_minutes) and self.seconds >= 60 * tc.max_minutes
         interrupted, late = self.par.any(stop.requested), self.par.any(late)
         if interrupted:
             return "interrupt"
