@@ -98,9 +98,10 @@ def markdown_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> Path | None:
-    """Quality against cost, one point per measured preset: bpb at 1x against training
-    tokens/s, bpb at 4x against decode ms/token, kv-retrieval at the longest length
-    against the decode cache's bytes."""
+    """Bits per byte by position (1x context) for each measured preset, then quality
+    against cost, one point per preset: bpb at 1x against training tokens/s, bpb at 4x
+    against decode ms/token, kv-retrieval at the longest length against the decode
+    cache's bytes."""
     done = {n: f for n, f in result["results"].items() if "error" not in f}
     if not done:
         return None
@@ -115,8 +116,17 @@ def plot(result: dict, path: Path) -> Path | None:
          lambda f: ((f.get("kv") or {}).get(longest) or {}).get("accuracy"), True),
     ]  # fmt: skip
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    for ax, (xlabel, xf, ylabel, yf, logx) in zip(axes, panels):
+    fig, axes = plt.subplots(1, 4, figsize=(21, 5))
+    for name, f in done.items():  # where in the context each method's bits go
+        buckets = (f.get("bpb_by_position") or {}).get("1x") or []
+        xs = [max(1, b["positions"][0]) for b in buckets]
+        axes[0].plot(xs, [b["bpb"] for b in buckets], marker=".", label=name)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("position (tokens, 1x context)")
+    axes[0].set_ylabel("bits per byte")
+    axes[0].legend(fontsize=7)
+    axes[0].grid(alpha=0.3)
+    for ax, (xlabel, xf, ylabel, yf, logx) in zip(axes[1:], panels):
         for name, f in done.items():
             x, y = xf(f), yf(f)
             if x is None or y is None:
