@@ -306,12 +306,12 @@ class Trainer:
                     self._log(stats, bar)
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
                     val = self._evaluate_and_log(bar)
-                if self.step % tc.save_every == 0:
-                    ckpt = self.save()
                 reason = self._stop_reason(stop)
-                if reason:
+                if reason:  # saved below, with the training time that stopped it
                     stopped_by = reason
                     break
+                if self.step % tc.save_every == 0:
+                    ckpt = self.save()
         if ckpt is None or ckpt.name != checkpoint_name(self.step):
             ckpt = self.save()
         if stopped_by != "interrupt":
