@@ -41,6 +41,15 @@ def check_format_version(version: object, what: str) -> int:
     return version
 
 
+def check_choices(obj: Any, where: str, **allowed: tuple) -> None:
+    """ValueError unless each named field of the config ``obj`` is one of its allowed
+    values (``where``: the table, e.g. ``model.attention``)."""
+    for name, choices in allowed.items():
+        value = getattr(obj, name)
+        if value not in choices:
+            raise ValueError(f"{where}.{name} must be one of {choices}, got {value!r}")
+
+
 def _package_version() -> str:
     from . import __version__
 

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..config import check_choices
 from .memory import document_rules, memory_visible, window_pieces
 from .norm import RMSNorm
 from .retrieval import FAISS_INDEXES, attend_gathered, gather_slots, store_index, torch_topk
@@ -103,15 +104,13 @@ class LongMemConfig:
                 f"model.longmem.capacity ({self.capacity}) must be a multiple of "
                 f"model.longmem.chunk ({self.chunk})"
             )
-        for name, allowed in (
-            ("fusion", FUSIONS),
-            ("retrieval", LONGMEM_RETRIEVALS),
-            ("faiss_index", FAISS_INDEXES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"model.longmem.{name} must be one of {allowed}, got {getattr(self, name)!r}"
-                )
+        check_choices(
+            self,
+            "model.longmem",
+            fusion=FUSIONS,
+            retrieval=LONGMEM_RETRIEVALS,
+            faiss_index=FAISS_INDEXES,
+        )
         for name in ("shared", "memory"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(

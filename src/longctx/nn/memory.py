@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..config import check_choices
 from .patterns import Kernel, Pattern, register_pattern
 from .retrieval import (
     EXACT_BELOW,
@@ -532,15 +533,13 @@ class Memory(Pattern):
             raise ValueError(
                 f"model.attention.nprobe must be >= 0 (0: automatic), got {self.nprobe}"
             )
-        for name, allowed in (
-            ("retrieval", RETRIEVALS),
-            ("positions", MEMORY_POSITIONS),
-            ("faiss_index", FAISS_INDEXES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"model.attention.{name} must be one of {allowed}, got {getattr(self, name)!r}"
-                )
+        check_choices(
+            self,
+            "model.attention",
+            retrieval=RETRIEVALS,
+            positions=MEMORY_POSITIONS,
+            faiss_index=FAISS_INDEXES,
+        )
 
     def check_model(self, dim: int, n_heads: int, n_layers: int) -> None:
         bad = [i for i in self.layers if not 0 <= i < n_layers]
