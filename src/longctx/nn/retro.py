@@ -172,12 +172,12 @@ class EncoderLayer(nn.Module):
     def forward(self, x: Tensor, chunk: Tensor, visible: Tensor) -> Tensor:
         """x (B, l, k, r, C) neighbour states, chunk (B, l, m, C), visible (B, l, k, r)."""
         x = x + self.self_attn(self.self_norm(x), visible)
-        if self.cross is not None:
-            r, m = x.shape[-2], chunk.shape[-2]
-            ctx = chunk.unsqueeze(2).expand(*x.shape[:3], m, chunk.shape[-1])  # (B, l, k, m, C)
-            pos_r = torch.arange(r, device=x.device)
-            pos_m = torch.arange(m, device=x.device)
-            x = x + self.cross(self.cross_norm(x), ctx, pos_r, pos_m)
+        if self.cross is not None:  # the k neighbours of a chunk share its m keys
+            B, l, k, r, C = x.shape
+            queries = self.cross_norm(x).view(B, l, k * r, C)  # (B, l, k r, C)
+            pos_r = torch.arange(r, device=x.device).repeat(k)  # each neighbour from 0
+            pos_m = torch.arange(chunk.shape[-2], device=x.device)
+            x = x + self.cross(queries, chunk, pos_r, pos_m).view(B, l, k, r, C)
         return x + self.ffn(self.ffn_norm(x))
 
 
