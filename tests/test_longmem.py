@@ -75,6 +75,26 @@ def test_silenced_sidenet_telescopes_to_the_backbone():
     assert (model(x) - backbone_logits(model, x)).abs().max() < 1e-12
 
 
+def test_side_gain_starts_at_the_backbone_and_learns():
+    """With side_gain, the layer gains start at 0: the SideNet's logits are exactly the
+    backbone's (memory full or not) while its blocks keep the backbone's weights; the
+    gains get a gradient, so training moves the SideNet off the backbone."""
+    model = make_model(side_gain=True)
+    x = tokens()
+    assert torch.equal(model.side.gains, torch.zeros(2, dtype=torch.float64))
+    assert (model(x) - backbone_logits(model, x)).abs().max() < 1e-12
+    plain = make_model()  # same seed: the same blocks; gains at 1 are the paper's SideNet
+    with torch.no_grad():
+        model.side.gains.fill_(1.0)
+    assert (model(x) - plain(x)).abs().max() < 1e-12
+    with torch.no_grad():
+        model.side.gains.zero_()
+    model(x).logsumexp(-1).sum().backward()
+    assert model.side.gains.grad.abs().min() > 0
+    with pytest.raises(ValueError, match="side_gain must be true or false"):
+        ModelConfig(n_layers=4, longmem={"side_layers": 2, "side_gain": 1})
+
+
 def test_configuration_errors():
     with pytest.raises(ValueError, match="multiple of model.longmem.side_layers"):
         ModelConfig(n_layers=4, longmem={"side_layers": 3})
@@ -209,22 +229,28 @@ def test_joint_with_k_above_the_bank_is_one_softmax_forward_and_backward():
     state = filled_state(model, n=2 * S)
     attn = model.side.memory
     x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
-    y = attn(x, torch.arange(5), BankRead(None, state.longmem.bank, None))
-    # reference: one softmax over [bank tokens (unrotated q . k) ; local keys (rotated)]
-    q, k, v, s_local, _, _ = local_and_memory(model, state, x)
-    outs = []
-    for b in range(2):
-        bk, bv, _ = state.longmem.bank.tokens(b)  # (H, t, D)
-        s_mem = q[b] @ bk.transpose(-1, -2) * 16**-0.5  # (H, n, t)
-        p = torch.softmax(torch.cat([s_mem, s_local[b]], -1), -1)
-        outs.append(p @ torch.cat([bv, v[b]], 1))
-    ref = attn.proj(torch.stack(outs).transpose(1, 2).reshape(2, 5, 32))
-    assert torch.allclose(y, ref, atol=1e-12)
-    w = torch.randn_like(y)
-    gy = torch.autograd.grad((y * w).sum(), [x, attn.qkv.weight])
-    gr = torch.autograd.grad((ref * w).sum(), [x, attn.qkv.weight])
-    for a, b in zip(gy, gr):
-        assert torch.allclose(a, b, atol=1e-10)
+    # the memory bias: 0 at the start (one plain softmax), then a per-head score offset
+    for bias in ([0.0, 0.0], [0.7, -0.4]):
+        with torch.no_grad():
+            attn.memory_bias.copy_(torch.tensor(bias))
+        y = attn(x, torch.arange(5), BankRead(None, state.longmem.bank, None))
+        # reference: one softmax over [bank tokens (unrotated q . k) + b ; local (rotated)]
+        q, k, v, s_local, _, _ = local_and_memory(model, state, x)
+        outs = []
+        for b in range(2):
+            bk, bv, _ = state.longmem.bank.tokens(b)  # (H, t, D)
+            s_mem = q[b] @ bk.transpose(-1, -2) * 16**-0.5  # (H, n, t)
+            s_mem = s_mem + attn.memory_bias.view(2, 1, 1)
+            p = torch.softmax(torch.cat([s_mem, s_local[b]], -1), -1)
+            outs.append(p @ torch.cat([bv, v[b]], 1))
+        ref = attn.proj(torch.stack(outs).transpose(1, 2).reshape(2, 5, 32))
+        assert torch.allclose(y, ref, atol=1e-12)
+        w = torch.randn_like(y)
+        wrt = [x, attn.qkv.weight, attn.memory_bias]
+        gy = torch.autograd.grad((y * w).sum(), wrt)
+        gr = torch.autograd.grad((ref * w).sum(), wrt)
+        for a, b in zip(gy, gr):
+            assert torch.allclose(a, b, atol=1e-10)
 
 
 def test_shared_bank_is_an_explicit_option():

@@ -13,14 +13,18 @@ each segment:
 2. the SideNet, S layers with stride s = L / S, starts from h_0 (the embedding output);
    its layer i (initialised from backbone layer s(i+1) - 1) adds the cross-network
    residual h_{s(i+1)} - h_{si} to its output, so with its blocks silenced the SideNet
-   ends exactly at h_L (the sum telescopes);
+   ends exactly at h_L (the sum telescopes). With ``side_gain``, layer i's own update
+   is scaled by a learned scalar a_i started at 0 (x <- x + a_i (block(x) - x) +
+   residual; ReZero, Bachlechner et al., arXiv 2003.04887): the SideNet then starts
+   exactly at the backbone's output, and training moves it only where that helps;
 3. one SideNet layer (initialised from the cached backbone layer, so that its queries
    start matched to the cached keys) also reads the bank: token-to-chunk retrieval
    (each query and head takes the top K/csz chunks by their mean keys, expanded to
    their K token pairs) with no positions on either side, fused with the local
    (in-segment, rotary) attention by a learned per-head gate,
    out = (1 - g) local + g memory, g = sigmoid(b) starting at 0.5; or, with ``fusion =
-   "joint"``, one softmax over local and memory keys (``ops.merge``);
+   "joint"``, one softmax over local and memory keys (``ops.merge``), each head's
+   memory scores offset by a learned b (starting at 0: the plain softmax);
 4. when the segment completes, the cached layer's keys (before rotation) and values go
    into the bank (:class:`~longctx.nn.state.ChunkBank`): read before write, so a segment
    never retrieves itself.
@@ -87,6 +91,7 @@ class LongMemConfig:
     shared: bool = False
     separator: int = 256
     memory: bool = True
+    side_gain: bool = False
 
     def __post_init__(self):
         for name in ("side_layers", "segment", "chunk", "topk", "capacity", "nprobe"):
@@ -111,7 +116,7 @@ class LongMemConfig:
             retrieval=LONGMEM_RETRIEVALS,
             faiss_index=FAISS_INDEXES,
         )
-        for name in ("shared", "memory"):
+        for name in ("shared", "memory", "side_gain"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"model.longmem.{name} must be true or false, got {getattr(self, name)!r}"
@@ -166,7 +171,9 @@ class LongMemAttention(nn.Module):
     """The SideNet's memory-augmented attention: causal rotary attention within the
     segment, fused with a read of the bank (module doc). Its projections have the names
     and layout of :class:`~longctx.nn.MultiHeadAttention`'s, so it starts as a copy of
-    a backbone layer; ``memory_bias`` (H,) is the gate's logit (0: g = 0.5)."""
+    a backbone layer; ``memory_bias`` b (H,) is the gate's logit (``gate``, 0: g = 0.5)
+    or, with ``joint``, the offset of every memory score of its head (0: one plain
+    softmax; learned, so a head can turn its share of memory up or down)."""
 
     def __init__(self, dim: int, n_heads: int, cfg: LongMemConfig, rope_base: float):
         super().__init__()
@@ -201,9 +208,11 @@ class LongMemAttention(nn.Module):
     def fuse(self, local: tuple[Tensor, Tensor], memory: tuple[Tensor, Tensor]) -> Tensor:
         """The fused output (B, H, n, D) of the local and memory parts ((out, lse) each):
         ``gate``: (1 - g) local + g memory where a query read memory, local elsewhere;
-        ``joint``: one softmax over both key sets."""
+        ``joint``: one softmax over both key sets, each head's memory scores offset by
+        its ``memory_bias``."""
         if self.cfg.fusion == "joint":
-            return ops.merge([local, memory])[0]
+            bias = self.memory_bias.to(memory[1].dtype).view(1, -1, 1)
+            return ops.merge([local, (memory[0], memory[1] + bias)])[0]
         g = self.gate.to(local[0].dtype).view(1, -1, 1, 1)
         fused = (1 - g) * local[0] + g * memory[0]
         return torch.where(torch.isneginf(memory[1]).unsqueeze(-1), local[0], fused)
@@ -295,7 +304,8 @@ class BankRead:
 class SideNet(nn.Module):
     """The SideNet (module doc): ``blocks`` built by ``make_block(layer)`` (the host
     model's block of that backbone layer), the memory layer's attention replaced by a
-    :class:`LongMemAttention`, and the final ``norm``."""
+    :class:`LongMemAttention`, the final ``norm``, and with ``side_gain`` the gains
+    a_i (S,) of the layers' own updates."""
 
     def __init__(self, cfg, make_block):
         super().__init__()
@@ -314,11 +324,12 @@ class SideNet(nn.Module):
             blocks.append(block)
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.gains = nn.Parameter(torch.zeros(lm.side_layers)) if lm.side_gain else None
 
     @torch.no_grad()
     def init_from(self, backbone) -> None:
         """SideNet layer i := backbone layer s(i+1) - 1, the final norm := the
-        backbone's, the gates at 0.5."""
+        backbone's, the gates at 0.5, the layer gains (``side_gain``) at 0."""
         for block, src in zip(self.blocks, self.sources):
             missing, unexpected = block.load_state_dict(
                 backbone.blocks[src].state_dict(), strict=False
@@ -327,6 +338,8 @@ class SideNet(nn.Module):
                 raise ValueError(f"SideNet block does not fit backbone layer {src}")
         self.norm.load_state_dict(backbone.norm.state_dict())
         self.blocks[self.memory_layer].attn.memory_bias.zero_()
+        if self.gains is not None:
+            self.gains.zero_()
 
     RUNTIME = ("capacity", "topk", "retrieval", "faiss_index", "nprobe")
 
@@ -388,7 +401,10 @@ class SideNet(nn.Module):
             for i, block in enumerate(self.blocks):
                 layer_state = read if i == self.memory_layer else None if whole else state.side[i]
                 residual = hs[self.stride * (i + 1)] - hs[self.stride * i]
-                x = block(x, pos, layer_state) + residual
+                y = block(x, pos, layer_state)
+                if self.gains is not None:  # x + a_i (block(x) - x)
+                    y = torch.lerp(x, y, self.gains[i].to(y.dtype))
+                x = y + residual
             outs.append(x)
             if state.held == S:  # the segment is complete: into the bank
                 self._write(state, start + a - off)
