@@ -291,8 +291,12 @@ def test_segments_are_causal_and_never_retrieve_themselves():
     assert not torch.equal(off(x)[:, S:], y[:, S:])
 
 
-def test_streaming_in_any_pieces_equals_one_forward():
-    model = make_model()
+@pytest.mark.parametrize("side_gain", [False, True])
+def test_streaming_in_any_pieces_equals_one_forward(side_gain):
+    model = make_model(side_gain=side_gain)
+    if side_gain:  # gains away from 0, so that the SideNet's blocks count
+        with torch.no_grad():
+            model.side.gains.copy_(torch.tensor([0.3, -0.5]))
     x = tokens(n=4 * S + 5)
     full = model(x)
     state = model.new_state(2)
