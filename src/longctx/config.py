@@ -50,6 +50,15 @@ def check_choices(obj: Any, where: str, **allowed: tuple) -> None:
             raise ValueError(f"{where}.{name} must be one of {choices}, got {value!r}")
 
 
+def check_bools(obj: Any, where: str, *names: str) -> None:
+    """ValueError unless each named field of the config ``obj`` is true or false (a
+    config built in Python is not coerced as one read from a file is)."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}.{name} must be true or false, got {value!r}")
+
+
 def _package_version() -> str:
     from . import __version__
 

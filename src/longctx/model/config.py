@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import from_dict, to_dict
+from ..config import check_bools, from_dict, to_dict
 from ..nn.feedforward import FeedForwardKind, SwiGLUFFN, make_ffn
 from ..nn.longmem import LongMemConfig
 from ..nn.patterns import Dense, Pattern, make_pattern
@@ -201,10 +201,7 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"model.{name} must be a number >= 0, got {value!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(
-                f"model.tie_embeddings must be true or false, got {self.tie_embeddings!r}"
-            )
+        check_bools(self, "model", "tie_embeddings")
         if self.init_std == 0:
             raise ValueError("model.init_std must be > 0")
         if self.ffn_hidden < 0:

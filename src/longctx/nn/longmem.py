@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from ..config import check_choices
+from ..config import check_bools, check_choices
 from .memory import document_rules, memory_visible, window_pieces
 from .norm import RMSNorm
 from .retrieval import FAISS_INDEXES, attend_gathered, gather_slots, store_index, torch_topk
@@ -116,11 +116,7 @@ class LongMemConfig:
             retrieval=LONGMEM_RETRIEVALS,
             faiss_index=FAISS_INDEXES,
         )
-        for name in ("shared", "memory", "side_gain"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(
-                    f"model.longmem.{name} must be true or false, got {getattr(self, name)!r}"
-                )
+        check_bools(self, "model.longmem", "shared", "memory", "side_gain")
         if self.shared and self.retrieval == "faiss":
             raise ValueError(
                 "model.longmem.shared searches every row's chunks, which the per-row faiss "
