@@ -68,7 +68,8 @@ def test_masked_attention_matches_reference(dtype, mask_shape):
 def test_masked_attention_causal_and_tiled(monkeypatch, q_offset, mask_shape):
     import longctx.ops.masked as masked
 
-    monkeypatch.setattr(masked, "TILE_ELEMS", 2 * 3 * 11 * 2)  # two query rows per tile
+    # 2-4 query rows per tile: the mask's own batch and head sizes count, not q's
+    monkeypatch.setattr(masked, "TILE_ELEMS", 2 * 11 * 2)
     q, k, v = make_qkv(2, 3, 9, 11, 8)
     # broadcast axes (key padding (B, 1, 1, Nk), a query mask (Nq, 1)) stay whole per tile
     mask = _random_mask(mask_shape, 2, p=0.8)
@@ -83,6 +84,25 @@ def test_masked_attention_causal_and_tiled(monkeypatch, q_offset, mask_shape):
         v,
         F64,
     )
+
+
+def test_masked_attention_tiles_bound_the_mask(monkeypatch):
+    """Query tiles bound the mask a tile materialises: a key-padding mask (the same for
+    every query) runs as one tile; a per-query mask is cut by its own sizes."""
+    import longctx.ops.masked as masked
+
+    seen = []
+    real = masked.tiled_masked_attention
+    monkeypatch.setattr(
+        masked,
+        "tiled_masked_attention",
+        lambda q, k, v, tiles, *a: seen.append(tiles) or real(q, k, v, tiles, *a),
+    )
+    monkeypatch.setattr(masked, "TILE_ELEMS", 2 * 11 * 3)
+    q, k, v = make_qkv(2, 3, 9, 11, 8)
+    ops.masked_attention(q, k, v, _random_mask((2, 1, 1, 11), 3))
+    ops.masked_attention(q, k, v, _random_mask((2, 1, 9, 11), 3))
+    assert [len(t) for t in seen] == [1, 3]  # 3 query rows of (2, 1, rows, 11) per tile
 
 
 def test_masked_attention_bad_mask():

@@ -505,12 +505,17 @@ def test_export_hf_refuses_a_longmem_model():
         llama_config(make_model().cfg)
 
 
-def test_dense_read_equals_selecting_every_chunk():
+@pytest.mark.parametrize("shared", [False, True])
+def test_dense_read_equals_selecting_every_chunk(shared):
     """topk = 0 reads the whole bank densely; it equals the selection path given every
-    chunk (forward and gradient)."""
-    model = make_model(topk=0)
+    chunk (forward and gradient). Shared: every row reads every row's tokens (row 1
+    holds fewer than row 0 here), which equals one softmax over all of them."""
+    model = make_model(topk=0, shared=shared)
     state = filled_state(model)
     attn, bank = model.side.memory, state.longmem.bank
+    if shared:
+        bank.clear([1])
+        bank.add(*(torch.randn(2, 2, 4, 16, dtype=torch.float64) for _ in "kv"), torch.arange(4))
     assert attn.reads_all(bank)
     q = torch.randn(2, 2, 5, 16, dtype=torch.float64, requires_grad=True)
     visible = torch.ones(2, 5, dtype=torch.bool)
@@ -524,6 +529,12 @@ def test_dense_read_equals_selecting_every_chunk():
     g2 = torch.autograd.grad((picked[0] * w).sum(), q)[0]
     assert torch.allclose(g1, g2, atol=1e-12)
     assert torch.isneginf(dense[1][1, :, 3:]).all()  # hidden queries read nothing
+    if shared:  # brute force: one softmax over both rows' tokens
+        bk, bv = (torch.cat(t, dim=1) for t in zip(*(bank.tokens(b)[:2] for b in range(2))))
+        assert bk.shape[1] == 3 * S + 2 * 4  # (H, all tokens, D): 28 of row 0, 4 of row 1
+        p = torch.softmax(q @ bk.transpose(-1, -2) * 16**-0.5, dim=-1)  # (B, H, 5, t)
+        assert torch.allclose(dense[0][0], (p @ bv)[0], atol=1e-12)
+        assert torch.allclose(dense[0][1, :, :3], (p @ bv)[1, :, :3], atol=1e-12)
 
 
 def test_configure_memory_changes_how_the_bank_is_read():

@@ -237,21 +237,33 @@ class LongMemAttention(nn.Module):
     def reads_all(self, bank: ChunkBank) -> bool:
         """Whether every chunk the bank holds is selected (``topk`` 0, or at least the
         chunks held), so that the read is dense attention over the bank's tokens."""
-        if self.cfg.shared:  # candidates from every row: the selection path
-            return False
-        return self.cfg.topk == 0 or self.cfg.topk // bank.chunk >= bank.store.filled
+        held = bank.store.filled * (bank.batch if self.cfg.shared else 1)
+        return self.cfg.topk == 0 or self.cfg.topk // bank.chunk >= held
 
     def _read_all(self, q: Tensor, bank: ChunkBank, visible: Tensor | None):
         """Dense attention over every token the bank holds (what selecting every chunk
-        reads, without gathering per query)."""
+        reads, without gathering per query); with ``shared``, every row's tokens. The
+        bank is a key-padding mask (one tile); hidden queries are blanked afterwards."""
         store, m, used = bank.store, bank.chunk, bank.store.filled
         keys, values = bank.unpack(store.v[:, :, :used].to(q.dtype))  # (B, H, used, m, D)
-        mask = store.valid[:, :used].repeat_interleave(m, dim=1)[:, None, None, :]  # tokens
-        if visible is not None:
-            mask = mask & visible[:, None, :, None]  # (B, 1, n, used m)
-        return ops.masked_attention(
-            q, keys.flatten(2, 3), values.flatten(2, 3), mask, return_lse=True
-        )  # fmt: skip
+        keys, values = keys.flatten(2, 3), values.flatten(2, 3)  # (B, H, used m, D)
+        valid = store.valid[:, :used].repeat_interleave(m, dim=1)  # (B, used m) tokens
+        B, H, n, D = q.shape
+        if self.cfg.shared:  # every row's tokens, row-major, for every row's queries
+            keys, values = (t.transpose(0, 1).reshape(1, H, -1, D) for t in (keys, values))
+            qs = q.transpose(0, 1).reshape(1, H, B * n, D)  # (1, H, B n, D): rows as queries
+            out, lse = ops.masked_attention(
+                qs, keys, values, valid.reshape(1, 1, 1, -1), return_lse=True
+            )
+            out = out.view(H, B, n, D).transpose(0, 1)  # (B, H, n, D)
+            lse = lse.view(H, B, n).transpose(0, 1)  # (B, H, n)
+        else:
+            out, lse = ops.masked_attention(q, keys, values, valid[:, None, None], return_lse=True)
+        if visible is not None:  # a hidden query reads nothing: out 0, lse -inf
+            seen = visible[:, None, :]  # (B, 1, n)
+            out = torch.where(seen.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype))
+            lse = torch.where(seen, lse, torch.full((), float("-inf"), dtype=lse.dtype))
+        return out, lse
 
     def _read(self, q: Tensor, bank: ChunkBank, visible: Tensor | None):
         idx = self.select(q.detach(), bank)  # (B, H, n, K / csz) chunk slots, -1: none

@@ -225,17 +225,21 @@ def _backward(q, k, v, out, lse, dout, dlse, plan: Sequence[Block], scale: float
         dob = _gather(blk.qsel, dout)
         lb = _lse_view(blk.qsel, lse).reshape(ob.shape[:-1])
         dlb = None if dlse is None else _lse_view(blk.qsel, dlse).reshape(ob.shape[:-1])
-        dqb = torch.zeros_like(qb, dtype=acc_dtype)
-        dkb = torch.zeros_like(kb, dtype=acc_dtype)
-        dvb = torch.zeros_like(vb, dtype=acc_dtype)
+        grads, pending = [], []
+        for full, sel, like in ((dq, blk.qsel, qb), (dk, blk.ksel, kb), (dv, blk.ksel, vb)):
+            view = sel(full)  # (B, *g, rows, X) view of the full gradient
+            try:  # accumulate in place where the block's layout is a view of it
+                grads.append(view.view(like.shape))
+            except RuntimeError:  # strided groups: a buffer, added afterwards
+                grads.append(torch.zeros_like(like, dtype=acc_dtype))
+                pending.append((view, grads[-1]))
         for tl in blk.all_tiles():
             causal, bias = blk.kernel_mask(tl, q.dtype, q.device)
             rq, rk = slice(tl.q0, tl.q1), slice(tl.k0, tl.k1)
             accumulate_tile_grads(
-                (dqb, dkb, dvb), qb, kb, vb, ob, lb, dob, dlb, rq, rk, scale, causal, bias
+                tuple(grads), qb, kb, vb, ob, lb, dob, dlb, rq, rk, scale, causal, bias
             )
-        for full, part in ((dq, dqb), (dk, dkb), (dv, dvb)):
-            view = (blk.qsel if full is dq else blk.ksel)(full)
+        for view, part in pending:
             view += part.view(view.shape)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

@@ -5,8 +5,9 @@ attention, where queries and keys are scattered subsets of the sequence with per
 positions, and key padding. Each tile is a range of query rows against one range of key
 rows (everything outside the range is invisible to those queries), so a tile's (out, lse)
 is final and no merge is needed. The mask of a tile is built only when that tile runs, so
-memory is one tile's mask and scores beyond the output. Each tile is a block of a plan
-with an explicit mask, so the plan runner's autograd Function gives exact gradients
+memory is one tile's mask beyond the output (the kernels bound their own scores); a mask
+that is the same for every query (key padding) runs as one tile. Each tile is a block of a
+plan with an explicit mask, so the plan runner's autograd Function gives exact gradients
 (also through lse).
 """
 
@@ -25,12 +26,13 @@ from .attention import causal_query_offset, rows
 TileRange = tuple[int, int, int, int]
 # mask of one tile: bool broadcastable to (B, H, q1 - q0, k1 - k0), or None (all visible)
 MaskFn = Callable[[int, int, int, int], "Tensor | None"]
-# score elements per tile (batch x heads x rows x keys) that the planner aims for
+# mask elements per tile (the mask's batch x heads x rows x keys) that the planner aims for
 TILE_ELEMS = 1 << 22
 
 
 def query_rows_per_tile(batch: int, heads: int, keys: int) -> int:
-    """Query rows per tile so that a tile's scores hold about TILE_ELEMS elements."""
+    """Query rows per tile so that a (batch, heads, rows, keys) tile holds about
+    TILE_ELEMS elements."""
     return max(1, TILE_ELEMS // max(1, batch * heads * keys))
 
 
@@ -115,7 +117,13 @@ def masked_attention(
             part = part & (j <= i + off)
         return part
 
-    step = query_rows_per_tile(q.shape[0], q.shape[1], nk)
+    # A tile's memory beyond the fused kernel's own is its mask, (B', H', rows, keys)
+    # with B', H' the mask's own (broadcast) sizes; a mask that is the same for every
+    # query (key padding) needs no query tiles at all, unless causal adds the diagonal.
+    if m.shape[-2] == 1 and not causal:
+        step = max(nq, 1)
+    else:
+        step = query_rows_per_tile(m.shape[0], m.shape[1], nk)
     tiles = []
     for a in range(0, nq, step):
         b = min(nq, a + step)
