@@ -544,9 +544,13 @@ def test_retrieval_eval_cli_writes_json_and_heatmap(tmp_path, capsys):
 
     # a capacity below the context: depth-0 needles are evicted, and it says so
     small = [*argv, "--depths", "0,1", "--trials", "2", "--memory-capacity", "64"]
+    first = (tmp_path / "run" / "eval" / "kv_retrieval.json").read_text()
     assert cli.main(small) == 0
     captured = capsys.readouterr()
-    out = json.loads((tmp_path / "run" / "eval" / "kv_retrieval.json").read_text())
+    # other memory settings write their own files; the first result is kept
+    assert (tmp_path / "run" / "eval" / "kv_retrieval.json").read_text() == first
+    assert (tmp_path / "run" / "eval" / "kv_retrieval.capacity-64.png").exists()
+    out = json.loads((tmp_path / "run" / "eval" / "kv_retrieval.capacity-64.json").read_text())
     assert out["memory"]["capacity"] == 64
     assert out["by_length"]["200"]["evicted"] == 2 and out["by_length"]["64"]["evicted"] == 0
     assert "evicted" in captured.err and "--memory-capacity fit" in captured.err
@@ -556,7 +560,9 @@ def test_retrieval_eval_cli_writes_json_and_heatmap(tmp_path, capsys):
     assert "integer >= 1 or 'fit'" in capsys.readouterr().err
     bpb = ["eval", str(tmp_path / "run"), "--contexts", "64,128", "--windows", "2"]
     assert cli.main([*bpb, "--memory-capacity", "fit"]) == 0
-    assert "context     128" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "context     128" in printed and "eval.capacity-fit.json" in printed
+    assert (tmp_path / "run" / "eval" / "bpb_by_position.capacity-fit.png").exists()
     gen = ["generate", str(tmp_path / "run"), "--prompt", "abc=1234;", "--max-new-tokens", "3"]
     assert cli.main([*gen, "--memory-capacity", "fit", "--memory-retrieval", "topk"]) == 0
 

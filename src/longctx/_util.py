@@ -117,6 +117,15 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return Path(path)
 
 
+def settings_tag(settings: dict | None) -> str:
+    """A file-name suffix for evaluation settings that differ from the run's own, so
+    that results under other settings do not overwrite each other: "" for none, else
+    e.g. ".capacity-fit.topk-32" (keys sorted)."""
+    if not settings:
+        return ""
+    return "".join(f".{key}-{settings[key]}" for key in sorted(settings))
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """``obj`` as indented JSON, written atomically."""
     return atomic_write(path, json.dumps(obj, indent=2))

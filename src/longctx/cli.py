@@ -291,7 +291,7 @@ def _print_eval(res: dict) -> None:
             for b in res["by_position"]
         )
         print(f"  by position (training context): {cells}")
-    print(f"  results: {Path(res['run_dir']) / 'eval' / 'eval.json'}")
+    print(f"  results: {res['path']}")
     for p in res["plots"]:
         print(f"  plot: {p}")
 
@@ -299,13 +299,14 @@ def _print_eval(res: dict) -> None:
 def _retrieval(
     run_dir: Path, task: str, lengths, depths, trials: int, seed: int, device, args=None
 ):
-    from ._util import resolve_device
+    from ._util import resolve_device, settings_tag
     from .evaluate.retrieval import evaluate_retrieval, write_results
     from .model import latest_checkpoint, load_model
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     model, _ = load_model(ckpt, resolve_device(device))
     memory = _memory_options(args)
+    tag = settings_tag(memory)  # other memory settings: their own files
     capacity = memory.pop("capacity", None)
     if memory:
         model.configure_memory(**memory)
@@ -316,7 +317,7 @@ def _retrieval(
     if model.side is not None:  # LongMem: how the bank was read
         lm = model.cfg.longmem
         result["longmem"] = {k: getattr(lm, k) for k in ("topk", "chunk", "capacity", "retrieval")}
-    js, png = write_results(result, run_dir / "eval", f"{task}: {run_dir.name}")
+    js, png = write_results(result, run_dir / "eval", f"{task}: {run_dir.name}", tag)
     print(f"\n{task} exact match ({trials} trials per cell, 95% Wilson interval):")
     for length, r in result["by_length"].items():
         lo, hi = r["ci95"]

@@ -10,7 +10,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._util import LN2, Progress, atomic_write_json, pyplot, resolve_device, save_figure
+from .._util import (
+    LN2,
+    Progress,
+    atomic_write_json,
+    pyplot,
+    resolve_device,
+    save_figure,
+    settings_tag,
+)
 from ..data import Corpus, DataConfig, eval_windows, load_corpus, task_source
 from ..model import DecoderLM, latest_checkpoint, load_checkpoint, load_model
 from ..train import RunConfig
@@ -84,7 +92,8 @@ def evaluate_run(
 ) -> dict:
     """Bits per byte of a run's latest checkpoint (or ``model``, e.g. the one just
     trained) on its validation text, by position and at several context lengths (default
-    1x, 2x, 4x the training context); writes eval/eval.json and plots; returns the
+    1x, 2x, 4x the training context); writes eval/eval.json and its plots (under
+    ``memory`` settings eval.<key>-<value>.json, so that each keeps its own); returns the
     results. ``corpus``: the run's corpus if already loaded. ``device``: where the model
     runs when it is loaded here (auto, cpu, cuda, cuda:N). ``memory``: settings of a
     memory model's layers (``DecoderLM.configure_memory``; ``capacity="fit"``: the
@@ -103,6 +112,7 @@ def evaluate_run(
         raise ValueError(f"contexts must be positive, got {contexts}")
     if windows < 1:
         raise ValueError(f"windows must be >= 1, got {windows}")
+    tag = settings_tag(memory)  # other memory settings: their own files
     if memory:
         memory = dict(memory)
         if memory.get("capacity") == "fit":
@@ -151,12 +161,12 @@ def evaluate_run(
     results["seconds"] = time.monotonic() - t0
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
-    atomic_write_json(out / "eval.json", results)
-    results["plots"] = _plot(results, out)
+    results["path"] = str(atomic_write_json(out / f"eval{tag}.json", results))
+    results["plots"] = _plot(results, out, tag)
     return results
 
 
-def _plot(results: dict, out: Path) -> list[str]:
+def _plot(results: dict, out: Path, tag: str = "") -> list[str]:
     plt = pyplot()
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -179,7 +189,7 @@ def _plot(results: dict, out: Path) -> list[str]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(str(save_figure(fig, out / "bpb_by_position.png")))
+    paths.append(str(save_figure(fig, out / f"bpb_by_position{tag}.png")))
 
     done = [e for e in results["by_context"] if "bpb" in e]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -192,7 +202,7 @@ def _plot(results: dict, out: Path) -> list[str]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(str(save_figure(fig, out / "bpb_by_context.png")))
+    paths.append(str(save_figure(fig, out / f"bpb_by_context{tag}.png")))
     return paths
 
 

@@ -287,9 +287,11 @@ def plot_heatmap(result: dict, path: Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
-def write_results(result: dict, out_dir: Path, title: str = "") -> tuple[Path, Path]:
-    """Write ``<task>.json`` and ``<task>.png`` (the heatmap) under ``out_dir``."""
+def write_results(result: dict, out_dir: Path, title: str = "", tag: str = "") -> tuple[Path, Path]:
+    """Write ``<task><tag>.json`` and ``<task><tag>.png`` (the heatmap) under
+    ``out_dir`` (``tag``: e.g. :func:`~longctx._util.settings_tag` of the memory
+    settings used)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = result["task"].replace("-", "_")
+    name = result["task"].replace("-", "_") + tag
     js = atomic_write_json(out_dir / f"{name}.json", result)
     return js, plot_heatmap(result, out_dir / f"{name}.png", title)
