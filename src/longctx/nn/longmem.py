@@ -260,9 +260,9 @@ class LongMemAttention(nn.Module):
         else:
             out, lse = ops.masked_attention(q, keys, values, valid[:, None, None], return_lse=True)
         if visible is not None:  # a hidden query reads nothing: out 0, lse -inf
-            seen = visible[:, None, :]  # (B, 1, n)
-            out = torch.where(seen.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype))
-            lse = torch.where(seen, lse, torch.full((), float("-inf"), dtype=lse.dtype))
+            hidden = ~visible[:, None, :]  # (B, 1, n)
+            out = out.masked_fill(hidden.unsqueeze(-1), 0.0)
+            lse = lse.masked_fill(hidden, float("-inf"))
         return out, lse
 
     def _read(self, q: Tensor, bank: ChunkBank, visible: Tensor | None):
