@@ -3,6 +3,8 @@ decoding, training on continuing rows, and the evaluation by segment (float64, t
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -495,7 +497,24 @@ def test_eval_cli_longmem(corpus, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "backbone" in out and "baseline" in out and "longmem" in out
-    assert (tmp_path / "lm" / "eval" / "longmem.json").exists()
+    first = tmp_path / "lm" / "eval" / "longmem.json"
+    own = json.loads(first.read_text())
+    assert own["bank"]["capacity"] == 256
+    # --memory-* options set the bank for this evaluation and write their own files
+    argv = ["eval", str(tmp_path / "lm"), "--task", "longmem", "--segments", "2",
+            "--windows", "3", "--memory-capacity", "2", "--memory-retrieval", "dense"]  # fmt: skip
+    assert main(argv) == 0
+    tagged = tmp_path / "lm" / "eval" / "longmem.capacity-2.retrieval-dense.json"
+    assert tagged.name in capsys.readouterr().out
+    small = json.loads(tagged.read_text())
+    assert small["bank"] == {"capacity": 2, "chunk": 2, "topk": 0, "retrieval": "exact"}
+    assert json.loads(first.read_text()) == own  # the run's own result is kept
+    assert (tmp_path / "lm" / "eval" / "longmem_segments.capacity-2.retrieval-dense.png").exists()
+    # segment 1 reads no memory either way; later segments read a smaller bank
+    mem, few = own["bpb_by_segment"]["longmem"], small["bpb_by_segment"]["longmem"]
+    assert mem[0] == pytest.approx(few[0], abs=1e-9) and mem[1] != pytest.approx(few[1], abs=1e-9)
+    assert main(["eval", str(tmp_path / "off"), "--task", "longmem", "--memory-topk", "4"]) != 0
+    assert "has no bank" in capsys.readouterr().err
 
 
 def test_export_hf_refuses_a_longmem_model():

@@ -425,3 +425,10 @@ def test_retro_evaluation_accounts_every_chunk(db, corpus, tmp_path):
     assert res["bpb"]["baseline"] == pytest.approx(float(nll) / predicted)
     js, png = write_retro_results(res, tmp_path / "eval", "test")
     assert json.loads(js.read_text())["chunks"] == res["chunks"] and png.exists()
+
+
+def test_eval_cli_retro_refuses_memory_options(tmp_path, capsys):
+    from longctx.cli import main
+
+    assert main(["eval", str(tmp_path), "--task", "retro", "--memory-topk", "4"]) != 0
+    assert "reads its database" in capsys.readouterr().err

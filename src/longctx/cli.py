@@ -200,7 +200,7 @@ def _eval(args) -> int:
 
 
 def _eval_longmem(args) -> int:
-    from ._util import resolve_device
+    from ._util import resolve_device, settings_tag
     from .data import load_corpus, task_source
     from .evaluate.longmem import evaluate_longmem, write_longmem_results
     from .model import latest_checkpoint, load_model
@@ -221,11 +221,25 @@ def _eval_longmem(args) -> int:
         baseline, _ = load_model(
             latest_checkpoint(Path(args.baseline) / "checkpoints"), resolve_device(args.device)
         )
+    memory = _memory_options(args)
+    tag = settings_tag(memory)  # other bank settings: their own files
+    if memory.get("capacity") == "fit":  # the bank holds every earlier segment
+        memory["capacity"] = args.segments * cfg.model.longmem.segment
+    if memory:
+        if model.side is None or not model.cfg.longmem.memory:
+            raise ValueError(
+                f"{run_dir} has no bank (a LongMem run with model.longmem.memory = true); "
+                "--memory-* options set how the bank is kept and read"
+            )
+        model.configure_memory(**memory)
     corpus = load_corpus(cfg.data)
     res = evaluate_longmem(
         model, corpus.val, segments=args.segments, windows=args.windows, baseline=baseline
     )
-    js, png = write_longmem_results(res, run_dir / "eval", f"LongMem: {run_dir.name}")
+    lm = model.cfg.longmem
+    res["bank"] = {k: getattr(lm, k) for k in ("capacity", "chunk", "topk", "retrieval")}
+    title = f"LongMem: {run_dir.name}{tag}"
+    js, png = write_longmem_results(res, run_dir / "eval", title, tag)
     print(
         f"\nLongMem evaluation of {run_dir} ({res['documents']} documents, "
         f"{res['segments']} segments of {res['segment']} tokens):"
@@ -240,6 +254,7 @@ def _eval_longmem(args) -> int:
 
 
 def _eval_retro(args) -> int:
+    from ._util import resolve_device
     from .data import load_corpus
     from .evaluate.retro import evaluate_retro, write_retro_results
     from .model import latest_checkpoint, load_model
@@ -247,13 +262,19 @@ def _eval_retro(args) -> int:
     from .train.config import RunConfig
 
     run_dir = Path(args.run_dir)
-    model, state = load_model(latest_checkpoint(run_dir / "checkpoints"))
+    if _memory_options(args):
+        raise ValueError(
+            "--memory-* options set a memory or LongMem model's memory; a RETRO run reads "
+            "its database (neighbours per chunk: --retro-k)"
+        )
+    device = resolve_device(args.device)
+    model, state = load_model(latest_checkpoint(run_dir / "checkpoints"), device)
     cfg = RunConfig.from_dict(state["config"])
     if not cfg.model.retro.enabled or not cfg.data.retro_db:
         raise ValueError(f"{run_dir} is not a RETRO run (model.retro.layers, data.retro_db)")
     baseline = None
     if args.baseline:
-        baseline, _ = load_model(latest_checkpoint(Path(args.baseline) / "checkpoints"))
+        baseline, _ = load_model(latest_checkpoint(Path(args.baseline) / "checkpoints"), device)
         baseline.eval()
     db = RetroDB.open(cfg.data.retro_db)
     corpus = load_corpus(cfg.data)

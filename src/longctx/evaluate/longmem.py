@@ -112,11 +112,12 @@ def evaluate_longmem(
     }
 
 
-def write_longmem_results(result: dict, out_dir, title: str) -> tuple[Path, Path]:
-    """eval/longmem.json and a PNG of bits per byte by segment; (json path, png path)."""
+def write_longmem_results(result: dict, out_dir, title: str, tag: str = "") -> tuple[Path, Path]:
+    """eval/longmem{tag}.json and a PNG of bits per byte by segment (``tag``: a suffix
+    naming bank settings other than the run's own); (json path, png path)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    js = atomic_write_json(out / "longmem.json", result)
+    js = atomic_write_json(out / f"longmem{tag}.json", result)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in result["bpb_by_segment"].items():
@@ -128,7 +129,7 @@ def write_longmem_results(result: dict, out_dir, title: str) -> tuple[Path, Path
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return js, save_figure(fig, out / "longmem_segments.png")
+    return js, save_figure(fig, out / f"longmem_segments{tag}.png")
 
 
 __all__ = ["backbone_of", "bits_by_segment", "document_windows", "evaluate_longmem"]

@@ -59,17 +59,19 @@ def only(neighbours: Tensor, part: str) -> Tensor:
 
 def chunk_bits(model: DecoderLM, windows: Tensor, neighbours: Tensor | None, m: int) -> Tensor:
     """Bits (B, l) of predicting each chunk's tokens (chunk u: tokens um..um+m-1 of the
-    window; the first token of chunk 0 is not predicted)."""
+    window; the first token of chunk 0 is not predicted), on the CPU; the model runs on
+    its own device."""
+    device = model.embed.weight.device
     with torch.no_grad():
-        x, y = windows[:, :-1], windows[:, 1:]
-        logits = model(x, neighbours=neighbours)
+        x, y = windows[:, :-1].to(device), windows[:, 1:].to(device)
+        logits = model(x, neighbours=None if neighbours is None else neighbours.to(device))
         nll = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), y, reduction="none"
         ).double()  # (B, N): predicts token t + 1
     B, N = nll.shape
     chunks = N // m
     padded = torch.cat([nll.new_zeros(B, 1), nll], dim=1)[:, : chunks * m]  # token j's NLL
-    return padded.view(B, chunks, m).sum(-1) / math.log(2)
+    return padded.view(B, chunks, m).sum(-1).cpu() / math.log(2)
 
 
 def evaluate_retro(
