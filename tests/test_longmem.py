@@ -3,6 +3,7 @@ decoding, training on continuing rows, and the evaluation by segment (float64, t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -436,7 +437,12 @@ def test_task_stream_documents_continue_and_start_with_a_separator():
 
 
 def test_checkpoint_round_trip_and_segment_evaluation(corpus, tmp_path):
-    from longctx.evaluate.longmem import backbone_of, bits_by_segment, evaluate_longmem
+    from longctx.evaluate.longmem import (
+        backbone_of,
+        bits_by_segment,
+        document_windows,
+        evaluate_longmem,
+    )
     from longctx.model import latest_checkpoint, load_model
     from longctx.train.loop import Trainer
 
@@ -459,8 +465,18 @@ def test_checkpoint_round_trip_and_segment_evaluation(corpus, tmp_path):
     assert abs(curve[1] - float(nll.mean()) / np.log(2)) < 1e-5
     val = trainer.source.corpus.val
     res = evaluate_longmem(loaded, val, segments=2, windows=2)
-    assert set(res["bpb_by_segment"]) == {"backbone", "longmem"}
-    assert len(res["bpb_by_segment"]["longmem"]) == 2
+    curves = res["bpb_by_segment"]
+    assert set(curves) == {"backbone", "longmem", "memory_off"}
+    assert len(curves["longmem"]) == 2
+    # segment 1 has an empty bank, so reading it or not is the same; segment 2 reads it
+    assert curves["memory_off"][0] == pytest.approx(curves["longmem"][0], abs=1e-9)
+    assert curves["memory_off"][1] != pytest.approx(curves["longmem"][1], abs=1e-9)
+    assert loaded.cfg.longmem.memory and loaded.side.memory.cfg.memory  # restored
+    # the memory-off curve is the model with memory off from the start
+    off = dataclasses.replace(loaded.cfg.longmem, memory=False)
+    loaded.side.cfg = loaded.side.memory.cfg = loaded.cfg.longmem = off
+    rows = document_windows(val, 2 * 16 + 1, 2)
+    assert bits_by_segment(loaded, rows, 16) == pytest.approx(curves["memory_off"], abs=1e-9)
 
 
 def test_memory_read_recomputed_in_blocks_has_the_same_gradients(monkeypatch):

@@ -246,7 +246,8 @@ def _eval_longmem(args) -> int:
     )
     for name, curve in res["bpb_by_segment"].items():
         cells = " ".join(f"{v:.3f}" for v in curve)
-        print(f"  {name:>9}: {cells}  (segments >= 2: {res['bpb_segments_from_2'][name]:.3f})")
+        label = name.replace("_", " ")
+        print(f"  {label:>10}: {cells}  (segments >= 2: {res['bpb_segments_from_2'][name]:.3f})")
     if res["gate"] is not None:
         print(f"  gate (memory share per head): {', '.join(f'{g:.2f}' for g in res['gate'])}")
     print(f"  results: {js}\n  plot: {png}")

@@ -75,7 +75,9 @@ def evaluate_longmem(
 ) -> dict:
     """Bits per byte by segment index (module doc): ``backbone``, ``longmem`` and, with
     ``baseline`` (a LongMem run of the same segment, e.g. with memory off),
-    ``baseline``; the mean over segments >= 2 and the gaps per segment."""
+    ``baseline``, and ``memory_off`` (the same model with its bank never read: what
+    the bank buys this model, apart from how training with it changed the weights);
+    the mean over segments >= 2 and the gaps per segment."""
     if model.side is None:
         raise ValueError("--task longmem evaluates a LongMem run (model.longmem.side_layers > 0)")
     S = model.cfg.longmem.segment
@@ -91,6 +93,12 @@ def evaluate_longmem(
         "backbone": bits_by_segment(backbone_of(model), rows, S, alone=True),
         "longmem": bits_by_segment(model, rows, S),
     }
+    if model.cfg.longmem.memory:  # the same weights with the bank never read
+        model.configure_memory(memory=False)
+        try:
+            curves["memory_off"] = bits_by_segment(model, rows, S)
+        finally:
+            model.configure_memory(memory=True)
     if baseline is not None:
         baseline.eval()
         curves["baseline"] = bits_by_segment(baseline, rows, S, alone=baseline.side is None)
@@ -122,7 +130,9 @@ def write_longmem_results(result: dict, out_dir, title: str, tag: str = "") -> t
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in result["bpb_by_segment"].items():
         xs = list(range(1, len(curve) + 1))
-        ax.plot(xs, [math.nan if v is None else v for v in curve], "o-", label=name)
+        ax.plot(
+            xs, [math.nan if v is None else v for v in curve], "o-", label=name.replace("_", " ")
+        )
     ax.set_xlabel(f"segment index ({result['segment']} tokens each)")
     ax.set_ylabel("bits per byte")
     ax.set_title(title, fontsize=9)

@@ -349,12 +349,13 @@ class SideNet(nn.Module):
         if self.gains is not None:
             self.gains.zero_()
 
-    RUNTIME = ("capacity", "topk", "retrieval", "faiss_index", "nprobe")
+    RUNTIME = ("capacity", "topk", "retrieval", "faiss_index", "nprobe", "memory")
 
     def configure(self, **settings) -> LongMemConfig:
         """Change how the bank is kept and read (``capacity``, ``topk``, ``retrieval``,
-        ``faiss_index``, ``nprobe``; no weight changes), for states made afterwards;
-        returns the new config. Checked as the config is."""
+        ``faiss_index``, ``nprobe``; ``memory = False``: not read at all; no weight
+        changes), for states made afterwards; returns the new config. Checked as the
+        config is."""
         unknown = sorted(set(settings) - set(self.RUNTIME))
         if unknown:
             raise ValueError(
