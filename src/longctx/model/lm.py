@@ -432,8 +432,8 @@ class DecoderLM(nn.Module):
         after this call: the keywords of :meth:`MemoryAttention.configure` (capacity,
         retrieval, topk, faiss_index, nprobe, recall_every, exact_below); no weight
         changes. A LongMem model takes capacity (tokens), topk, retrieval (dense: every
-        chunk, topk: exact selection, faiss), faiss_index and nprobe for its bank. A
-        model without memory raises ValueError."""
+        chunk, topk: exact selection, faiss), faiss_index, nprobe and memory (False: the
+        bank is never read) for its bank. A model without memory raises ValueError."""
         if self.side is not None:  # LongMem: its bank (retrieval named as memory layers do)
             keys = dict(settings)
             retrieval = keys.pop("retrieval", None)
