@@ -236,8 +236,7 @@ def _eval_longmem(args) -> int:
     res = evaluate_longmem(
         model, corpus.val, segments=args.segments, windows=args.windows, baseline=baseline
     )
-    lm = model.cfg.longmem
-    res["bank"] = {k: getattr(lm, k) for k in ("capacity", "chunk", "topk", "retrieval")}
+    res["bank"] = model.cfg.longmem.bank_settings()
     title = f"LongMem: {run_dir.name}{tag}"
     js, png = write_longmem_results(res, run_dir / "eval", title, tag)
     print(
@@ -337,8 +336,7 @@ def _retrieval(
     )
     result["checkpoint"] = str(ckpt)
     if model.side is not None:  # LongMem: how the bank was read
-        lm = model.cfg.longmem
-        result["longmem"] = {k: getattr(lm, k) for k in ("topk", "chunk", "capacity", "retrieval")}
+        result["longmem"] = model.cfg.longmem.bank_settings()
     js, png = write_results(result, run_dir / "eval", f"{task}: {run_dir.name}", tag)
     print(f"\n{task} exact match ({trials} trials per cell, 95% Wilson interval):")
     for length, r in result["by_length"].items():

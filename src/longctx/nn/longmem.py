@@ -128,6 +128,10 @@ class LongMemConfig:
         """Whether the model is a LongMem model."""
         return self.side_layers > 0
 
+    def bank_settings(self) -> dict:
+        """How the bank is kept and read (recorded beside evaluation results)."""
+        return {k: getattr(self, k) for k in ("capacity", "chunk", "topk", "retrieval")}
+
     def sources(self, n_layers: int) -> list[int]:
         """The backbone layer each SideNet layer starts from: s(i+1) - 1."""
         stride = n_layers // self.side_layers
