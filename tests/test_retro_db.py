@@ -1,5 +1,6 @@
 """The RETRO database: document-aligned chunks, continuations, frozen embedders, exact
-search with exclusions, corrupt/mismatched databases, and the chunk overlap r(C)."""
+search with exclusions, corrupt/mismatched databases, the chunk overlap r(C) and the
+copyable tokens."""
 
 import json
 import math
@@ -15,6 +16,7 @@ from longctx.retro import (
     RetroDB,
     SketchEmbedder,
     chunk_overlap,
+    copyable,
     document_chunks,
     longest_common_run,
     make_embedder,
@@ -195,6 +197,33 @@ def test_chunk_overlap():
             assert got[q].item() == best
     padded = torch.full((1, 4), PAD)
     assert longest_common_run(padded, torch.full((1, 1, 4), PAD)).item() == 0  # PAD: no match
+
+
+def test_copyable_tokens():
+    rng = np.random.default_rng(1)
+    tokens = torch.from_numpy(rng.integers(0, 50, (1, 3 + 16)))  # 3 context + a 16-chunk
+    neighbours = torch.from_numpy(rng.integers(50, 100, (1, 2, 32)))  # a disjoint alphabet
+    assert not copyable(tokens, neighbours, 3).any()
+    copied = neighbours.clone()
+    copied[0, 1, 4:14] = tokens[0, 5:15]  # context + chunk tokens 2..11 copied
+    got = copyable(tokens, copied, 3)
+    # chunk token i is tokens[3 + i]; it needs tokens[i..3 + i] all inside 5..14
+    assert got[0].nonzero().flatten().tolist() == list(range(5, 12))
+    # against brute force on a small alphabet
+    for _ in range(20):
+        a = rng.integers(0, 3, (2, 2 + 6))
+        b = rng.integers(0, 3, (2, 2, 9))
+        got = copyable(torch.from_numpy(a), torch.from_numpy(b), 2)
+        for q in range(2):
+            for i in range(6):
+                want = any(
+                    list(a[q, i : i + 3]) == list(nb[j : j + 3]) for nb in b[q] for j in range(7)
+                )
+                assert bool(got[q, i]) == want
+    pad = torch.full((1, 5), PAD)
+    assert not copyable(pad, torch.full((1, 1, 5), PAD), 1).any()  # PAD: no match
+    with pytest.raises(ValueError, match="context"):
+        copyable(tokens, neighbours, 19)
 
 
 def test_cli_build_search_info(corpus, tmp_path, capsys):
@@ -379,6 +408,20 @@ def test_bits_per_byte_of_a_retro_run_read_its_database(db, corpus, tmp_path):
         retro_neighbours(model, "")
 
 
+def test_eval_cli_retro(db, corpus, tmp_path, capsys):
+    from longctx.cli import main
+    from longctx.train.loop import Trainer
+
+    trainer = Trainer(retro_run_config(corpus, db.path), tmp_path / "run", progress=False)
+    trainer.train_step()
+    trainer.save()
+    assert main(["eval", str(tmp_path / "run"), "--task", "retro", "--windows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "oracle on chunks >= 2" in out and "copyable (8-token context" in out
+    saved = json.loads((tmp_path / "run" / "eval" / "retro.json").read_text())
+    assert saved["windows"] == 2 and set(saved["copying"]["rest"]) >= {"retrieval", "off"}
+
+
 def test_oracle_and_half_neighbours():
     from longctx.evaluate.retro import only, oracle_neighbours
 
@@ -396,7 +439,15 @@ def test_oracle_and_half_neighbours():
 
 def test_retro_evaluation_accounts_every_chunk(db, corpus, tmp_path):
     from longctx.data.corpus import DataConfig, load_corpus
-    from longctx.evaluate.retro import ALPHAS, chunk_bits, evaluate_retro, write_retro_results
+    from longctx.evaluate.retro import (
+        ALPHAS,
+        COPY_CONTEXT,
+        chunk_bits,
+        copyable_in_windows,
+        evaluate_retro,
+        oracle_neighbours,
+        write_retro_results,
+    )
     from longctx.model import DecoderLM, ModelConfig
 
     torch.manual_seed(0)
@@ -423,6 +474,19 @@ def test_retro_evaluation_accounts_every_chunk(db, corpus, tmp_path):
     torch.testing.assert_close(chunk_bits(plain, w, None, M).sum(), nll)
     predicted = len(w) * (4 * M - 1)
     assert res["bpb"]["baseline"] == pytest.approx(float(nll) / predicted)
+    # copying: the copyable tokens and the rest split the bits of chunks >= 1
+    cp = res["copying"]
+    assert cp["context"] == COPY_CONTEXT and 0.0 <= cp["share"] <= 1.0
+    later = len(w) * 3 * M  # the tokens of chunks 1..3 of each window
+    n_copy = round(cp["share"] * later)
+    total = float(chunk_bits(plain, w, None, M)[:, 1:].sum())
+    split = (cp["copyable"]["baseline"] or 0.0) * n_copy
+    split += cp["rest"]["baseline"] * (later - n_copy)
+    assert split == pytest.approx(total)
+    # with the oracle's neighbours every token of a complete chunk >= 1 is copyable
+    wide = torch.stack(eval_windows(val, 4 * M, 3))
+    can = copyable_in_windows(wide, oracle_neighbours(wide, M, 2), M, COPY_CONTEXT)
+    assert can[:, 1:].all() and not can[:, 0].any()
     js, png = write_retro_results(res, tmp_path / "eval", "test")
     assert json.loads(js.read_text())["chunks"] == res["chunks"] and png.exists()
 

@@ -287,6 +287,14 @@ def _eval_retro(args) -> int:
     for name, value in res["bpb"].items():
         print(f"  {name:>10}: {value:.3f} bits/byte")
     print(f"  oracle on chunks >= 2: {res['oracle_bpb_chunks_from_2']:.3f} bits/byte")
+    cp = res["copying"]
+    print(
+        f"  copyable ({cp['context']}-token context + token in a neighbour read): "
+        f"{cp['share']:.1%} of the tokens of chunks >= 1"
+    )
+    for key in ("copyable", "rest"):
+        cells = ", ".join(f"{n} {v:.3f}" for n, v in cp[key].items() if v is not None)
+        print(f"    bits/byte on the {key + ':':<9} {cells}")
     for row in res["leakage"]:
         base = row.get("baseline_bpb")
         extra = "" if base is None else f", baseline {base:.3f}"

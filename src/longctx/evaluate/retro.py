@@ -12,6 +12,10 @@ bits over the bytes of the chunks with r(C) <= alpha, with each bin's share of c
 for the model and (``baseline``) a model without retrieval on the same chunks. The
 oracle probe gives each chunk the true next chunk as its neighbour's continuation: a
 model that reads its neighbours at the right offset then nearly copies (chunks >= 2).
+Copying: a token of chunk u >= 1 is copyable when it and the 8 tokens before it occur
+in one of the neighbours chunk u reads; bits per byte on the copyable tokens and on the
+rest, for each variant, say whether the model copies, and the copyable tokens' share of
+the baseline's bits bounds what copying could buy.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from .._util import atomic_write_json, pyplot, save_figure
 from ..data.corpus import eval_windows
 from ..data.tokenizer import PAD
 from ..model import DecoderLM
-from ..retro import RetroDB, chunk_overlap
+from ..retro import RetroDB, chunk_overlap, copyable
 
 ALPHAS = (0.125, 0.25, 0.5, 0.75, 1.0)
 OVERLAP_NEIGHBOURS = 10  # the paper's r(C) uses the 10 nearest chunks
+COPY_CONTEXT = 8  # a token is copyable when it and the 8 tokens before it are in a neighbour
 
 
 def oracle_neighbours(windows: Tensor, m: int, k: int) -> Tensor:
@@ -57,10 +62,10 @@ def only(neighbours: Tensor, part: str) -> Tensor:
     return out
 
 
-def chunk_bits(model: DecoderLM, windows: Tensor, neighbours: Tensor | None, m: int) -> Tensor:
-    """Bits (B, l) of predicting each chunk's tokens (chunk u: tokens um..um+m-1 of the
-    window; the first token of chunk 0 is not predicted), on the CPU; the model runs on
-    its own device."""
+def token_bits(model: DecoderLM, windows: Tensor, neighbours: Tensor | None, m: int) -> Tensor:
+    """Bits (B, l, m) of predicting each token of each chunk (chunk u: tokens
+    um..um+m-1 of the window; the first token of chunk 0 is not predicted: 0), on the
+    CPU; the model runs on its own device."""
     device = model.embed.weight.device
     with torch.no_grad():
         x, y = windows[:, :-1].to(device), windows[:, 1:].to(device)
@@ -71,7 +76,27 @@ def chunk_bits(model: DecoderLM, windows: Tensor, neighbours: Tensor | None, m: 
     B, N = nll.shape
     chunks = N // m
     padded = torch.cat([nll.new_zeros(B, 1), nll], dim=1)[:, : chunks * m]  # token j's NLL
-    return padded.view(B, chunks, m).sum(-1).cpu() / math.log(2)
+    return padded.view(B, chunks, m).cpu() / math.log(2)
+
+
+def chunk_bits(model: DecoderLM, windows: Tensor, neighbours: Tensor | None, m: int) -> Tensor:
+    """Bits (B, l) of predicting each chunk's tokens (see :func:`token_bits`)."""
+    return token_bits(model, windows, neighbours, m).sum(-1)
+
+
+def copyable_in_windows(windows: Tensor, neighbours: Tensor, m: int, context: int) -> Tensor:
+    """(B, l, m) bool: token j of chunk u >= 1 of each window (B, N + 1) is copyable
+    (:func:`longctx.retro.copyable`) from the neighbours (B, l, k, 2m) that chunk reads,
+    those retrieved by chunk u - 1; chunk 0 reads none."""
+    B, l, k, r = neighbours.shape
+    out = torch.zeros(B, l, m, dtype=torch.bool)
+    if l < 2:
+        return out
+    # (B, l - 1, context + m): chunk u >= 1 with the context tokens before it
+    rows = torch.stack([windows[:, u * m - context : (u + 1) * m] for u in range(1, l)], 1)
+    found = copyable(rows.flatten(0, 1), neighbours[:, :-1].flatten(0, 1), context)
+    out[:, 1:] = found.view(B, l - 1, m)
+    return out
 
 
 def evaluate_retro(
@@ -95,7 +120,7 @@ def evaluate_retro(
     parts: dict[str, list[Tensor]] = {
         name: [] for name in ("retrieval", "off", "N only", "F only", "oracle", "baseline")
     }
-    overlaps, sizes = [], []
+    overlaps, sizes, copy = [], [], []
     for a in range(0, len(rows), batch):
         w = rows[a : a + batch]
         B = len(w)
@@ -104,21 +129,24 @@ def evaluate_retro(
         # one search serves the model's k neighbours and r(C)'s 10 nearest (best first)
         near = db.sequence_neighbours(w[:, :-1], max(k, OVERLAP_NEIGHBOURS))
         nb = near[:, :, :k]
-        parts["retrieval"].append(chunk_bits(model, w, nb, m))
-        parts["off"].append(chunk_bits(model, w, None, m))
-        parts["N only"].append(chunk_bits(model, w, only(nb, "N"), m))
-        parts["F only"].append(chunk_bits(model, w, only(nb, "F"), m))
-        parts["oracle"].append(chunk_bits(model, w, oracle_neighbours(w, m, k), m))
+        parts["retrieval"].append(token_bits(model, w, nb, m))
+        parts["off"].append(token_bits(model, w, None, m))
+        parts["N only"].append(token_bits(model, w, only(nb, "N"), m))
+        parts["F only"].append(token_bits(model, w, only(nb, "F"), m))
+        parts["oracle"].append(token_bits(model, w, oracle_neighbours(w, m, k), m))
         if baseline is not None:
-            parts["baseline"].append(chunk_bits(baseline, w, None, m))
+            parts["baseline"].append(token_bits(baseline, w, None, m))
+        copy.append(copyable_in_windows(w, nb, m, min(COPY_CONTEXT, m)))
         own = near[:, :, :OVERLAP_NEIGHBOURS].reshape(B * chunks, OVERLAP_NEIGHBOURS, 2 * m)
         overlaps.append(chunk_overlap(x_chunks, own).view(B, chunks))
         size = torch.full((B, chunks), float(m))
         size[:, 0] = m - 1  # the window's first token is not predicted
         sizes.append(size.double())
-    bits = {name: torch.cat(v) for name, v in parts.items() if v}  # (W, l)
+    per_token = {name: torch.cat(v) for name, v in parts.items() if v}  # (W, l, m)
+    bits = {name: v.sum(-1) for name, v in per_token.items()}  # (W, l)
     r = torch.cat(overlaps)
     size = torch.cat(sizes)
+    can_copy = torch.cat(copy)  # (W, l, m)
 
     def bpb(name: str, keep: Tensor) -> float | None:
         return float(bits[name][keep].sum() / size[keep].sum()) if keep.any() else None
@@ -134,6 +162,7 @@ def evaluate_retro(
         "context": context,
         "bpb": {name: bpb(name, every) for name in bits},
         "oracle_bpb_chunks_from_2": bpb("oracle", later),
+        "copying": copying_figures(per_token, can_copy, min(COPY_CONTEXT, m)),
         "leakage": [],
     }
     for alpha in ALPHAS:
@@ -143,6 +172,19 @@ def evaluate_retro(
             row["baseline_bpb"] = bpb("baseline", keep)
         result["leakage"].append(row)
     return result
+
+
+def copying_figures(per_token: dict[str, Tensor], can_copy: Tensor, context: int) -> dict:
+    """Bits per byte of each variant on the copyable tokens of chunks >= 1 and on the
+    rest (``per_token``: name -> bits (W, l, m); ``can_copy`` (W, l, m)), with the
+    copyable share: whether the model copies, and what copying could buy at most."""
+    later = torch.zeros_like(can_copy)
+    later[:, 1:] = True  # chunks >= 1: those that read neighbours
+    out: dict = {"context": context, "share": float(can_copy[later].double().mean())}
+    for key, keep in (("copyable", can_copy), ("rest", later & ~can_copy)):
+        n = int(keep.sum())
+        out[key] = {name: float(v[keep].sum() / n) if n else None for name, v in per_token.items()}
+    return out
 
 
 def write_retro_results(result: dict, out_dir, title: str):
