@@ -403,6 +403,32 @@ def test_training_moves_only_the_sidenet_and_rows_continue(corpus, tmp_path):
         assert joined[j].tolist() == want.tolist()
 
 
+@pytest.mark.parametrize("preset", ["longmem-tiny", "longmem-tiny64"])
+def test_stdlib_presets_train_on_a_backbone(preset, tmp_path):
+    """The presets' [model.longmem] and [train] fit together: a 4-layer backbone (the
+    SideNet copies its layers 1 and 3) and the preset's segments and context train."""
+    from longctx.train.config import RunConfig, resolve_config
+    from longctx.train.loop import Trainer
+
+    corpus = write_word_corpus(tmp_path / "long", 12, 1500, 2500)  # files of 8-14 KB
+
+    table = run_config(corpus).to_dict()
+    table["model"]["n_layers"] = 4
+    table["model"].pop("longmem")
+    base = Trainer(RunConfig.from_dict(table), tmp_path / "base", progress=False)
+    base.save()
+    cfg = resolve_config(preset, None, [
+        f"model.longmem.backbone={tmp_path / 'base'}", f"data.source={corpus}",
+        "data.min_document=0", "train.batch_size=1", "train.max_steps=1",
+    ])  # fmt: skip
+    assert cfg.model.d_model == 32 and cfg.model.longmem.side_layers == 2
+    trainer = Trainer(cfg, tmp_path / "lm", progress=False)
+    trainer.train_step()
+    segment = cfg.model.longmem.segment
+    assert cfg.train.context % segment == 0
+    assert trainer.streams[0].longmem.bank.tokens(0)[2].numel() > 0  # the bank filled
+
+
 def test_training_refusals(corpus, tmp_path):
     from longctx.train.loop import Trainer
 
