@@ -411,7 +411,6 @@ def test_stdlib_presets_train_on_a_backbone(preset, tmp_path):
     from longctx.train.loop import Trainer
 
     corpus = write_word_corpus(tmp_path / "long", 12, 1500, 2500)  # files of 8-14 KB
-
     table = run_config(corpus).to_dict()
     table["model"]["n_layers"] = 4
     table["model"].pop("longmem")

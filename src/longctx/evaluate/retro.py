@@ -88,7 +88,7 @@ def copyable_in_windows(windows: Tensor, neighbours: Tensor, m: int, context: in
     """(B, l, m) bool: token j of chunk u >= 1 of each window (B, N + 1) is copyable
     (:func:`longctx.retro.copyable`) from the neighbours (B, l, k, 2m) that chunk reads,
     those retrieved by chunk u - 1; chunk 0 reads none."""
-    B, l, k, r = neighbours.shape
+    B, l = neighbours.shape[:2]
     out = torch.zeros(B, l, m, dtype=torch.bool)
     if l < 2:
         return out
@@ -115,6 +115,7 @@ def evaluate_retro(
     m = model.cfg.retro.chunk
     db.check_compatible(chunk=m)
     k = k or model.cfg.retro.neighbours
+    copy_context = min(COPY_CONTEXT, m)  # the copyable tokens' context
     model.eval()
     rows = torch.stack(eval_windows(val, context, windows))  # (W, N + 1)
     parts: dict[str, list[Tensor]] = {
@@ -136,7 +137,7 @@ def evaluate_retro(
         parts["oracle"].append(token_bits(model, w, oracle_neighbours(w, m, k), m))
         if baseline is not None:
             parts["baseline"].append(token_bits(baseline, w, None, m))
-        copy.append(copyable_in_windows(w, nb, m, min(COPY_CONTEXT, m)))
+        copy.append(copyable_in_windows(w, nb, m, copy_context))
         own = near[:, :, :OVERLAP_NEIGHBOURS].reshape(B * chunks, OVERLAP_NEIGHBOURS, 2 * m)
         overlaps.append(chunk_overlap(x_chunks, own).view(B, chunks))
         size = torch.full((B, chunks), float(m))
@@ -162,7 +163,7 @@ def evaluate_retro(
         "context": context,
         "bpb": {name: bpb(name, every) for name in bits},
         "oracle_bpb_chunks_from_2": bpb("oracle", later),
-        "copying": copying_figures(per_token, can_copy, min(COPY_CONTEXT, m)),
+        "copying": copying_figures(per_token, can_copy, copy_context),
         "leakage": [],
     }
     for alpha in ALPHAS:
