@@ -487,6 +487,10 @@ def test_retro_evaluation_accounts_every_chunk(db, corpus, tmp_path):
     wide = torch.stack(eval_windows(val, 4 * M, 3))
     can = copyable_in_windows(wide, oracle_neighbours(wide, M, 2), M, COPY_CONTEXT)
     assert can[:, 1:].all() and not can[:, 0].any()
+    # a window of one chunk (and a partial one) reads no neighbours: nothing copyable
+    short = wide[:, : M + 4]
+    one = copyable_in_windows(short, oracle_neighbours(short, M, 2), M, COPY_CONTEXT)
+    assert one.shape == (3, 1, M) and not one.any()
     js, png = write_retro_results(res, tmp_path / "eval", "test")
     assert json.loads(js.read_text())["chunks"] == res["chunks"] and png.exists()
 
