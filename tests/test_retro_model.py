@@ -220,6 +220,49 @@ def test_retro_gradients_reach_the_retrieval_weights():
         assert dict(m.named_parameters())[name].grad.abs().sum() > 0, name
 
 
+def test_retro_learns_to_copy_the_continuation_it_is_given():
+    """Training end to end: on random tokens (nothing to predict without retrieval),
+    each chunk given its true continuation as a neighbour (the oracle), the model learns
+    to copy it: positions that read a chunk fall far below the uniform bits, those that
+    read none (t < m - 1) stay at them; without neighbours nothing is predictable. An
+    off-by-one-chunk alignment anywhere in training would leave nothing to copy."""
+    from longctx.evaluate.retro import oracle_neighbours
+
+    m, N, V = 8, 64, 32
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        d_model=32, n_heads=2, n_layers=2,
+        retro={"layers": [1], "chunk": m, "neighbours": 2, "encoder_layers": 1},
+    )  # fmt: skip
+    model = DecoderLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+
+    def sample(batch):
+        w = torch.randint(100, 100 + V, (batch, N + 1), generator=g)
+        return w[:, :-1], w[:, 1:], oracle_neighbours(w, m, 2)[:, : N // m]
+
+    for _ in range(200):
+        x, y, nb = sample(16)
+        loss = model.loss_terms(x, y, neighbours=nb).lm
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y, nb = sample(64)
+
+    def bits(neighbours):  # (N,): mean bits per position
+        with torch.no_grad():
+            logits = model(x, neighbours=neighbours)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+        return nll.mean(0) / math.log(2)
+
+    uniform = math.log2(V)
+    with_oracle, without = bits(nb), bits(None)
+    assert with_oracle[: m - 1].min() > uniform - 0.3  # nothing read yet
+    assert with_oracle[m - 1 :].mean() < 0.5  # copied: uniform is 5 bits
+    assert without.min() > uniform - 0.3
+
+
 def test_retro_errors():
     with pytest.raises(ValueError, match="retro.layers"):
         ModelConfig(d_model=C, n_heads=H, n_layers=2, retro={"layers": [2]})
