@@ -418,6 +418,7 @@ def test_eval_cli_retro(db, corpus, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "run"), "--task", "retro", "--windows", "2"]) == 0
     out = capsys.readouterr().out
     assert "oracle on chunks >= 2" in out and "copyable (8-token context" in out
+    assert "in-context copying (32 validation spans" in out
     saved = json.loads((tmp_path / "run" / "eval" / "retro.json").read_text())
     assert saved["windows"] == 2 and set(saved["copying"]["rest"]) >= {"retrieval", "off"}
 
@@ -493,6 +494,52 @@ def test_retro_evaluation_accounts_every_chunk(db, corpus, tmp_path):
     assert one.shape == (3, 1, M) and not one.any()
     js, png = write_retro_results(res, tmp_path / "eval", "test")
     assert json.loads(js.read_text())["chunks"] == res["chunks"] and png.exists()
+
+
+class _Copier(torch.nn.Module):
+    """A stand-in decoder that copies in context perfectly: at position t it predicts
+    the token that followed the latest earlier occurrence of token t (uniform if none)."""
+
+    def __init__(self, vocab=264):
+        super().__init__()
+        self.vocab = vocab
+        self.embed = torch.nn.Embedding(vocab, 1)
+
+    def forward(self, x, neighbours=None):
+        B, N = x.shape
+        logits = torch.zeros(B, N, self.vocab)
+        for b in range(B):
+            for t in range(N):
+                earlier = (x[b, :t] == x[b, t]).nonzero().flatten()
+                if len(earlier):
+                    logits[b, t, x[b, earlier[-1] + 1]] = 30.0
+        return logits
+
+
+def test_repeat_bits_measures_in_context_copying():
+    from longctx.evaluate.retro import REPEAT_SPANS, repeat_bits
+    from longctx.model import DecoderLM, ModelConfig
+
+    val = (np.arange(3000) * 7) % 256  # no token twice within 256 tokens
+    copier = repeat_bits(_Copier(), val, context=512)
+    assert copier["span"] == 128 and copier["spans"] == REPEAT_SPANS
+    assert copier["repeat"] < 1e-6 and copier["first"] == pytest.approx(math.log2(264))
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(d_model=16, n_heads=2, n_layers=1)).double().eval()
+    got = repeat_bits(model, val, context=20)  # spans of 10 tokens
+    assert got["span"] == 10
+    first, repeat = [], []
+    for a in np.linspace(0, len(val) - 10, REPEAT_SPANS).round().astype(int):
+        seq = torch.from_numpy(np.concatenate([val[a : a + 10]] * 2))
+        with torch.no_grad():
+            logp = model(seq[None, :-1])[0].log_softmax(-1)
+        bits = [-float(logp[t - 1, seq[t]]) / math.log(2) for t in range(1, 20)]
+        first += bits[:9]  # tokens 1..9
+        repeat += bits[10:]  # tokens 11..19: the repeat after its first token
+    assert got["first"] == pytest.approx(np.mean(first), rel=1e-9)
+    assert got["repeat"] == pytest.approx(np.mean(repeat), rel=1e-9)
+    with pytest.raises(ValueError, match="2\\+ tokens"):
+        repeat_bits(model, val, context=3)
 
 
 def test_eval_cli_retro_refuses_memory_options(tmp_path, capsys):

@@ -295,6 +295,15 @@ def _eval_retro(args) -> int:
     for key in ("copyable", "rest"):
         cells = ", ".join(f"{n} {v:.3f}" for n, v in cp[key].items() if v is not None)
         print(f"    bits/byte on the {key + ':':<9} {cells}")
+    rep = res["in_context_copying"]
+    first = rep["model"]
+    cells = [f"first copy {first['first']:.3f}, repeat {first['repeat']:.3f}"]
+    if "baseline" in rep:
+        cells.append(f"baseline {rep['baseline']['first']:.3f} / {rep['baseline']['repeat']:.3f}")
+    print(
+        f"  in-context copying ({first['spans']} validation spans of {first['span']} tokens, "
+        f"each fed twice; retrieval off): {'; '.join(cells)} bits/byte"
+    )
     for row in res["leakage"]:
         base = row.get("baseline_bpb")
         extra = "" if base is None else f", baseline {base:.3f}"

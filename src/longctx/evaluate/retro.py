@@ -15,7 +15,8 @@ model that reads its neighbours at the right offset then nearly copies (chunks >
 Copying: a token of chunk u >= 1 is copyable when it and the 8 tokens before it occur
 in one of the neighbours chunk u reads; bits per byte on the copyable tokens and on the
 rest, for each variant, say whether the model copies, and the copyable tokens' share of
-the baseline's bits bounds what copying could buy.
+the baseline's bits bounds what copying could buy. In-context copying: the decoder's
+bits on a validation span fed a second time, against the first (does it copy at all?).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from ..retro import RetroDB, chunk_overlap, copyable
 ALPHAS = (0.125, 0.25, 0.5, 0.75, 1.0)
 OVERLAP_NEIGHBOURS = 10  # the paper's r(C) uses the 10 nearest chunks
 COPY_CONTEXT = 8  # a token is copyable when it and the 8 tokens before it are in a neighbour
+REPEAT_SPAN = 128  # in-context copying: validation spans of up to 128 tokens, fed twice
+REPEAT_SPANS = 32
 
 
 def oracle_neighbours(windows: Tensor, m: int, k: int) -> Tensor:
@@ -82,6 +85,34 @@ def token_bits(model: DecoderLM, windows: Tensor, neighbours: Tensor | None, m: 
 def chunk_bits(model: DecoderLM, windows: Tensor, neighbours: Tensor | None, m: int) -> Tensor:
     """Bits (B, l) of predicting each chunk's tokens (see :func:`token_bits`)."""
     return token_bits(model, windows, neighbours, m).sum(-1)
+
+
+def repeat_bits(model: DecoderLM, val: np.ndarray, context: int) -> dict:
+    """In-context copying of the decoder (no neighbours): REPEAT_SPANS validation spans
+    of s = min(REPEAT_SPAN, context // 2) tokens, evenly spread, each fed twice in a row.
+    Bits per token on the first copy (tokens 1..s-1) and on the repeat (tokens
+    s+1..2s-1, each with the first copy and its own preceding tokens in context). A
+    model that copies in context (an induction head) is far lower on the repeat; RETRO's
+    copying from a neighbour is the same match, made through cross-attention."""
+    s = min(REPEAT_SPAN, context // 2, len(val))
+    if s < 2:
+        raise ValueError(f"in-context copying needs spans of 2+ tokens (context {context})")
+    starts = np.unique(np.linspace(0, len(val) - s, REPEAT_SPANS).round().astype(int))
+    spans = torch.from_numpy(np.stack([val[a : a + s] for a in starts]).astype(np.int64))
+    seq = torch.cat([spans, spans], dim=1)  # (n, 2s): each span twice in a row
+    device = model.embed.weight.device
+    with torch.no_grad():
+        logits = model(seq[:, :-1].to(device))
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), seq[:, 1:].to(device), reduction="none"
+        )  # (n, 2s - 1): column t predicts token t + 1
+    bits = nll.double().cpu() / math.log(2)
+    return {
+        "span": s,
+        "spans": len(starts),
+        "first": float(bits[:, : s - 1].mean()),
+        "repeat": float(bits[:, s:].mean()),
+    }
 
 
 def copyable_in_windows(windows: Tensor, neighbours: Tensor, m: int, context: int) -> Tensor:
@@ -164,8 +195,11 @@ def evaluate_retro(
         "bpb": {name: bpb(name, every) for name in bits},
         "oracle_bpb_chunks_from_2": bpb("oracle", later),
         "copying": copying_figures(per_token, can_copy, copy_context),
+        "in_context_copying": {"model": repeat_bits(model, val, context)},
         "leakage": [],
     }
+    if baseline is not None:
+        result["in_context_copying"]["baseline"] = repeat_bits(baseline, val, context)
     for alpha in ALPHAS:
         keep = r <= alpha + 1e-12
         row = {"alpha": alpha, "share": float(keep.double().mean()), "bpb": bpb("retrieval", keep)}
