@@ -11,6 +11,7 @@ import torch
 
 from conftest import write_word_corpus
 from longctx.data.tokenizer import EOD, PAD
+from longctx.model import DecoderLM, ModelConfig
 from longctx.retro import (
     DatabaseError,
     RetroDB,
@@ -496,18 +497,16 @@ def test_retro_evaluation_accounts_every_chunk(db, corpus, tmp_path):
     assert json.loads(js.read_text())["chunks"] == res["chunks"] and png.exists()
 
 
-class _Copier(torch.nn.Module):
-    """A stand-in decoder that copies in context perfectly: at position t it predicts
+class _Copier(DecoderLM):
+    """A decoder whose forward copies in context perfectly: at position t it predicts
     the token that followed the latest earlier occurrence of token t (uniform if none)."""
 
-    def __init__(self, vocab=264):
-        super().__init__()
-        self.vocab = vocab
-        self.embed = torch.nn.Embedding(vocab, 1)
+    def __init__(self):
+        super().__init__(ModelConfig(d_model=8, n_heads=2, n_layers=1))
 
     def forward(self, x, neighbours=None):
         B, N = x.shape
-        logits = torch.zeros(B, N, self.vocab)
+        logits = torch.zeros(B, N, self.cfg.vocab_size)
         for b in range(B):
             for t in range(N):
                 earlier = (x[b, :t] == x[b, t]).nonzero().flatten()
@@ -518,7 +517,6 @@ class _Copier(torch.nn.Module):
 
 def test_repeat_bits_measures_in_context_copying():
     from longctx.evaluate.retro import REPEAT_SPANS, repeat_bits
-    from longctx.model import DecoderLM, ModelConfig
 
     val = (np.arange(3000) * 7) % 256  # no token twice within 256 tokens
     copier = repeat_bits(_Copier(), val, context=512)

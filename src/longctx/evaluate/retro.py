@@ -71,11 +71,8 @@ def token_bits(model: DecoderLM, windows: Tensor, neighbours: Tensor | None, m: 
     CPU; the model runs on its own device."""
     device = model.embed.weight.device
     with torch.no_grad():
-        x, y = windows[:, :-1].to(device), windows[:, 1:].to(device)
-        logits = model(x, neighbours=None if neighbours is None else neighbours.to(device))
-        nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), y, reduction="none"
-        ).double()  # (B, N): predicts token t + 1
+        nb = None if neighbours is None else neighbours.to(device)
+        nll = model.nll_per_position(windows.to(device), nb)  # (B, N): predicts token t + 1
     B, N = nll.shape
     chunks = N // m
     padded = torch.cat([nll.new_zeros(B, 1), nll], dim=1)[:, : chunks * m]  # token j's NLL
@@ -100,13 +97,9 @@ def repeat_bits(model: DecoderLM, val: np.ndarray, context: int) -> dict:
     starts = np.unique(np.linspace(0, len(val) - s, REPEAT_SPANS).round().astype(int))
     spans = torch.from_numpy(np.stack([val[a : a + s] for a in starts]).astype(np.int64))
     seq = torch.cat([spans, spans], dim=1)  # (n, 2s): each span twice in a row
-    device = model.embed.weight.device
-    with torch.no_grad():
-        logits = model(seq[:, :-1].to(device))
-        nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), seq[:, 1:].to(device), reduction="none"
-        )  # (n, 2s - 1): column t predicts token t + 1
-    bits = nll.double().cpu() / math.log(2)
+    with torch.no_grad():  # (n, 2s - 1): column t predicts token t + 1
+        nll = model.nll_per_position(seq.to(model.embed.weight.device))
+    bits = nll.cpu() / math.log(2)
     return {
         "span": s,
         "spans": len(starts),
